@@ -1,0 +1,238 @@
+"""The mitmproxy face of stableprefix: ``mitmdump -s addon/stableprefix/addon.py``.
+
+Options are parsed into `pipeline.Settings` in `configure`; the `request` hook hands the body to the pure
+pipeline and writes back only what it changed. Anything unexpected leaves the request as it was, with one
+warning. Absolute imports only: mitmproxy loads this file as a script, not as part of the package.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, "") or not __package__.startswith("stableprefix"):  # loaded by `-s` from a checkout
+    _root = str(Path(__file__).resolve().parent.parent)
+    if _root not in sys.path:
+        sys.path.insert(0, _root)
+
+from mitmproxy import ctx  # noqa: E402
+from mitmproxy import exceptions  # noqa: E402
+from mitmproxy import http  # noqa: E402
+
+from stableprefix import pipeline  # noqa: E402
+from stableprefix import rules as rulelib  # noqa: E402
+from stableprefix.record import JsonlWriter  # noqa: E402
+from stableprefix.record import log_line  # noqa: E402
+
+logger = logging.getLogger("stableprefix")
+META_KEY = "stableprefix"
+RULES_POLL_SECONDS = 1.0
+
+
+def build_rules(billing: str, rules_file: str | None, enable: Sequence[str], disable: Sequence[str]) -> list:
+    """The rule list the options describe. Raises ValueError (RuleError) naming what is wrong."""
+    if billing not in rulelib.BILLING_MODES:
+        raise ValueError(
+            f"stableprefix_billing: {billing!r} is not one of {', '.join(rulelib.BILLING_MODES)}"
+        )
+    rules = rulelib.builtin_rules(billing)
+    user = rulelib.load_rules_file(rules_file) if rules_file else rulelib.RuleSet()
+    rules = rulelib.switch(rules, user.on, user.off) + list(user.rules)
+    known = {r.name for r in rules} | {r.preset for r in rules} | {"billing"}
+    for option, names in (("stableprefix_enable", enable), ("stableprefix_disable", disable)):
+        for name in names:
+            if name not in known:
+                raise ValueError(f"{option}: unknown rule {name!r}; known: {', '.join(sorted(known))}")
+    return rulelib.switch(rules, enable, disable)
+
+
+class StablePrefix:
+    """Keeps LLM prompt prefixes byte-stable and records a fingerprint per request."""
+
+    name = "stableprefix"
+
+    def __init__(self) -> None:
+        self.settings = pipeline.Settings()
+        self.sticky = rulelib.StickyMemory()
+        self.writer: JsonlWriter | None = None
+        self._rules_mtime: float | None = None
+        self._rules_checked = 0.0
+        self._rules_broken: str | None = None
+
+    def load(self, loader: Any) -> None:
+        loader.add_option(
+            "stableprefix_billing",
+            str,
+            "drop",
+            "What to do with Claude Code's billing header in system-position text: "
+            "drop (remove it), pin (keep it with fixed cch and version suffix), off (leave it).",
+            choices=rulelib.BILLING_MODES,
+        )
+        loader.add_option(
+            "stableprefix_passthrough",
+            Sequence[str],
+            list(pipeline.DEFAULT_PASSTHROUGH),
+            "Hosts (glob patterns) whose requests are never rewritten, only hashed and logged. "
+            "Default: Anthropic's first-party API, where rewriting breaks subscription recognition.",
+        )
+        loader.add_option("stableprefix_observe", bool, False, "Hash and log every request, rewrite nothing.")
+        loader.add_option(
+            "stableprefix_log", str | None, None, "Append one JSON record per handled request to this file."
+        )
+        loader.add_option(
+            "stableprefix_rules",
+            str | None,
+            None,
+            "A TOML rules file: [builtins] switches and [[rule]] tables (see examples/rules.toml). "
+            "Re-read when it changes; a broken edit keeps the previous rules.",
+        )
+        loader.add_option(
+            "stableprefix_enable",
+            Sequence[str],
+            [],
+            f"Built-in rules to switch on (repeat the option): {', '.join(rulelib.BUILTIN_NAMES)}.",
+        )
+        loader.add_option(
+            "stableprefix_disable", Sequence[str], [], "Rules to switch off (repeat the option)."
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        opts = ctx.options
+        if "stableprefix_passthrough" in updated:
+            for host in opts.stableprefix_passthrough:
+                if not host or any(c in host for c in " /:@") or host != host.strip():
+                    raise exceptions.OptionsError(
+                        f"stableprefix_passthrough: {host!r} is not a host name or glob (e.g. *.anthropic.com)"
+                    )
+        rule_opts = {
+            "stableprefix_billing",
+            "stableprefix_rules",
+            "stableprefix_enable",
+            "stableprefix_disable",
+        }
+        if updated & rule_opts:
+            try:
+                self._set_rules(self._build_rules())
+            except ValueError as e:
+                raise exceptions.OptionsError(str(e)) from None
+            self._rules_mtime = self._mtime(opts.stableprefix_rules)
+            self._rules_broken = None
+        if updated & (rule_opts | {"stableprefix_passthrough", "stableprefix_observe"}):
+            self.settings = pipeline.Settings(
+                rules=self.settings.rules,
+                observe=opts.stableprefix_observe,
+                passthrough=tuple(opts.stableprefix_passthrough),
+            )
+        if "stableprefix_log" in updated:
+            if self.writer:
+                self.writer.close()
+                self.writer = None
+            if opts.stableprefix_log:
+                try:
+                    self.writer = JsonlWriter(opts.stableprefix_log)
+                except OSError as e:
+                    raise exceptions.OptionsError(
+                        f"stableprefix_log: cannot open {opts.stableprefix_log!r}: {e.strerror or e}"
+                    ) from None
+        if "stream_large_bodies" in updated and getattr(opts, "stream_large_bodies", None):
+            logger.warning(
+                "stableprefix: stream_large_bodies is set; streamed request bodies are not normalised."
+            )
+
+    def _build_rules(self) -> list:
+        o = ctx.options
+        return build_rules(
+            o.stableprefix_billing, o.stableprefix_rules, o.stableprefix_enable, o.stableprefix_disable
+        )
+
+    def _set_rules(self, rules: list) -> None:
+        self.settings = pipeline.Settings(tuple(rules), self.settings.observe, self.settings.passthrough)
+
+    @staticmethod
+    def _mtime(path: str | None) -> float | None:
+        try:
+            return os.stat(path).st_mtime if path else None
+        except OSError:
+            return None
+
+    def _maybe_reload_rules(self) -> None:
+        """Re-read an edited rules file; on a broken edit keep the previous rules and say so once."""
+        path = ctx.options.stableprefix_rules
+        now = time.monotonic()
+        if not path or now - self._rules_checked < RULES_POLL_SECONDS:
+            return
+        self._rules_checked = now
+        mtime = self._mtime(path)
+        if mtime == self._rules_mtime:
+            return
+        self._rules_mtime = mtime
+        try:
+            rules = self._build_rules()
+        except ValueError as e:
+            if str(e) != self._rules_broken:
+                logger.warning(f"stableprefix: keeping the previous rules: {e}")
+                self._rules_broken = str(e)
+            return
+        self._set_rules(rules)
+        self._rules_broken = None
+        logger.info(f"stableprefix: reloaded {path}: rules on: {pipeline.rules_summary(rules)}")
+
+    def running(self) -> None:
+        s = self.settings
+        logger.info(
+            f"stableprefix active: billing={ctx.options.stableprefix_billing} observe={s.observe} "
+            f"rules on: {pipeline.rules_summary(s.rules)}; passthrough: {', '.join(s.passthrough) or 'none'}; "
+            f"log: {ctx.options.stableprefix_log or 'off'}"
+        )
+
+    def done(self) -> None:
+        if self.writer:
+            self.writer.close()
+            self.writer = None
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live:
+            return
+        req = flow.request
+        if req.method != "POST" or pipeline.shapes.api_for_path(req.path) is None:
+            return
+        self._maybe_reload_rules()
+        extra = {"client": flow.client_conn.peername}
+        if req.stream or req.raw_content is None:
+            logger.warning(
+                "stableprefix: request body was streamed (stream_large_bodies); not normalised", extra=extra
+            )
+            return
+        try:
+            raw = req.get_content(strict=True) or b""
+        except ValueError as e:
+            logger.warning(
+                f"stableprefix: left {req.path.split('?')[0]} unchanged: cannot decode body: {e}", extra=extra
+            )
+            return
+        result = pipeline.process(
+            req.method, req.host, req.path, raw, self.settings, req.headers, self.sticky
+        )
+        if result is None:
+            return
+        record: dict[str, Any] = {"ts": round(time.time(), 3), "id": flow.id, **result.record}
+        if result.warning:
+            logger.warning(f"stableprefix: {result.warning}", extra=extra)
+        else:
+            if result.forward is not None:
+                req.content = result.forward  # re-encodes Content-Encoding, fixes Content-Length
+            logger.info(f"stableprefix: {log_line(record)}", extra=extra)
+        flow.metadata[META_KEY] = record
+        if self.writer:
+            try:
+                self.writer.write(record)
+            except OSError as e:
+                logger.warning(f"stableprefix: cannot write {self.writer.path}: {e}")
+
+
+addons = [StablePrefix()]

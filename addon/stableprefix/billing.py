@@ -1,0 +1,61 @@
+"""The grammar of Claude Code's attribution ("billing") header and the spans a rule may change in it.
+
+Claude Code builds the line as
+``x-anthropic-billing-header: cc_version=<semver>.<fp>; cc_entrypoint=<ep>;[ cch=<5hex>;][ cc_workload=<w>;]``
+(every pair ends with ``;``; unknown ``key=value;`` pairs may follow). It is its own ``system`` block on the
+wire; translators glue it to the next system text with nothing, ``\\n`` or ``\\n\\n`` in between.
+All patterns here are anchored at the start of a text, so nothing later in a prompt can match.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_PAIRS = r"(?:[ \t]*[A-Za-z0-9_-]+=[^;\r\n]*;)*"
+#: A leading header line plus the line breaks that join it to the text after it.
+HEADER = re.compile(r"\A[ \t]*x-anthropic-billing-header:" + _PAIRS + r"[ \t]*(?:\r?\n)*")
+_PAIR = re.compile(r"[ \t]*(?P<key>[A-Za-z0-9_-]+)=(?P<value>[^;\r\n]*);")
+_VERSION = re.compile(r"\d+\.\d+\.\d+")
+
+#: What `pin` writes: llama.cpp (b8906+) pins cch to the same bytes, so both layers agree.
+PINNED_CCH = "fffff"
+PINNED_SUFFIX = "fff"
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    """A billing header found at the start of a text."""
+
+    end: int  # one past the header and its trailing line breaks
+    fields: dict[str, str]
+    volatile: tuple[
+        tuple[int, int, str], ...
+    ]  # (start, end, constant) of the cch value and the version suffix
+
+
+def find(text: str) -> Header | None:
+    """The billing header at the very start of `text`, if there is one."""
+    m = HEADER.match(text)
+    if m is None:
+        return None
+    fields: dict[str, str] = {}
+    volatile: list[tuple[int, int, str]] = []
+    pos = text.index(":", 0, m.end()) + 1
+    while (p := _PAIR.match(text, pos, m.end())) is not None:
+        key, value = p.group("key"), p.group("value")
+        fields.setdefault(key, value)
+        if key == "cch":
+            volatile.append((*p.span("value"), PINNED_CCH))
+        elif key == "cc_version":
+            v = _VERSION.match(value)
+            if v and len(value) > v.end() + 1 and value[v.end()] == ".":  # 2.1.39.c39: pin "c39"
+                volatile.append((p.start("value") + v.end() + 1, p.end("value"), PINNED_SUFFIX))
+        pos = p.end()
+    return Header(m.end(), fields, tuple(volatile))
+
+
+def is_whole(text: str) -> bool:
+    """True when `text` is nothing but a billing header (a block Claude Code sends on its own)."""
+    h = find(text)
+    return h is not None and not text[h.end :].strip()

@@ -1,0 +1,248 @@
+"""Edit a JSON document at paths and leave every other byte exactly as the client sent it.
+
+`Document.parse` reads a JSON object once and remembers where each top-level member sits in the text.
+`Document.edited` splices the edits into the original text: only the replaced values are re-serialised
+(compact, non-ASCII kept), deleted members take their separating comma with them, and key order,
+whitespace, number spellings and escapes elsewhere stay byte-identical. `apply_edits` makes the same
+edits on the parsed value, so callers can fingerprint the result without parsing it again.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+type Key = str | int
+type JsonPath = tuple[Key, ...]
+
+_DECODER = json.JSONDecoder()
+scanstring: Any = getattr(json.decoder, "scanstring")  # noqa: B009 (C speed-up; not in typeshed)
+_WS = re.compile(r"[ \t\n\r]*")
+
+
+class NotAnObject(ValueError):
+    """The body is valid JSON but its top level is not an object."""
+
+
+@dataclass(frozen=True, slots=True)
+class Replace:
+    """Set the value at `path` (which must exist)."""
+
+    path: JsonPath
+    value: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Delete:
+    """Remove the object member or array element at `path` (which must exist)."""
+
+    path: JsonPath
+
+
+type Edit = Replace | Delete
+
+
+@dataclass(frozen=True, slots=True)
+class _Member:
+    key: Key
+    start: int  # first character of the member (its key for objects)
+    value_start: int
+    end: int  # one past the value
+    value: Any
+
+
+def dumps(value: Any) -> str:
+    """Compact JSON, non-ASCII kept; falls back to escapes for text UTF-8 cannot carry (lone surrogates)."""
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(value, ensure_ascii=True, separators=(",", ":"))
+    return text
+
+
+def _ws(text: str, i: int) -> int:
+    m = _WS.match(text, i)
+    return m.end() if m else i
+
+
+def _members(text: str, i: int) -> tuple[list[_Member], int]:
+    """Members of the object or array whose opening bracket is at `i`, and the end of the container."""
+    close = "}" if text[i] == "{" else "]"
+    is_object = close == "}"
+    members: list[_Member] = []
+    j = _ws(text, i + 1)
+    if text[j] == close:
+        return members, j + 1
+    index = 0
+    while True:
+        start = j
+        key: Key
+        if is_object:
+            if text[j] != '"':
+                raise ValueError(f"expected a key at {j}")
+            key, j = scanstring(text, j + 1)
+            j = _ws(text, j)
+            if text[j] != ":":
+                raise ValueError(f"expected ':' at {j}")
+            j = _ws(text, j + 1)
+        else:
+            key = index
+            index += 1
+        value_start = j
+        value, j = _DECODER.raw_decode(text, j)
+        members.append(_Member(key, start, value_start, j, value))
+        j = _ws(text, j)
+        if text[j] == ",":
+            j = _ws(text, j + 1)
+            continue
+        if text[j] == close:
+            return members, j + 1
+        raise ValueError(f"expected ',' or {close!r} at {j}")
+
+
+@dataclass(frozen=True, slots=True)
+class Document:
+    """A parsed JSON object and the text it came from."""
+
+    text: str
+    value: dict[str, Any]
+    _top: tuple[_Member, ...]
+    _top_end: int
+
+    @classmethod
+    def parse(cls, raw: bytes) -> Document:
+        """Parse UTF-8 JSON whose top level is an object. Raises ValueError (incl. NotAnObject)."""
+        text = raw.decode("utf-8")
+        start = _ws(text, 0)
+        if start >= len(text) or text[start] != "{":
+            json.loads(text)  # raises JSONDecodeError for non-JSON
+            raise NotAnObject("top level is not an object")
+        members, end = _members(text, start)
+        if text[_ws(text, end) :]:
+            raise ValueError("extra data after the JSON object")
+        value: dict[str, Any] = {}
+        for m in members:
+            assert isinstance(m.key, str)
+            if m.key in value:
+                raise ValueError(f"duplicate top-level key {m.key!r}")
+            value[m.key] = m.value
+        return cls(text, value, tuple(members), end)
+
+    def edited(self, edits: Iterable[Edit]) -> str:
+        """The document text with `edits` spliced in; everything else unchanged."""
+        tree = _trie(edits)
+        if not tree:
+            return self.text
+        ops: list[tuple[int, int, str]] = []
+        _container_ops(self.text, list(self._top), tree, ops)
+        return _splice(self.text, ops)
+
+
+def _trie(edits: Iterable[Edit]) -> dict[Key, Any]:
+    """Nested dict of path keys; a leaf is the Edit. An edit below a replaced or deleted node is dropped."""
+    root: dict[Key, Any] = {}
+    for e in sorted(edits, key=lambda e: len(e.path)):
+        node: Any = root
+        for k in e.path[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                break
+        else:
+            if e.path and isinstance(node, dict):
+                node[e.path[-1]] = e
+    return root
+
+
+def _container_ops(text: str, members: list[_Member], tree: dict[Key, Any], ops: list) -> None:
+    keep = [m for m in members if not isinstance(tree.get(m.key), Delete)]
+    if len(keep) < len(members):
+        _delete_ops(members, {m.key for m in keep}, ops)
+    for m in keep:
+        sub = tree.get(m.key)
+        if sub is None:
+            continue
+        if isinstance(sub, Replace):
+            ops.append((m.value_start, m.end, dumps(sub.value)))
+        elif text[m.value_start] in "{[":
+            _container_ops(text, _members(text, m.value_start)[0], sub, ops)
+        else:
+            raise ValueError(f"path goes through a scalar at {m.key!r}")
+
+
+def _delete_ops(members: list[_Member], kept: set[Key], ops: list) -> None:
+    """Remove each run of deleted members together with one separator, keeping the JSON valid."""
+    n = len(members)
+    i = 0
+    while i < n:
+        if members[i].key in kept:
+            i += 1
+            continue
+        j = i
+        while j + 1 < n and members[j + 1].key not in kept:
+            j += 1
+        if j + 1 < n:  # a kept member follows: cut up to its start
+            ops.append((members[i].start, members[j + 1].start, ""))
+        elif i > 0:  # the run is the tail: cut from the end of the kept member before it
+            ops.append((members[i - 1].end, members[j].end, ""))
+        else:  # everything goes
+            ops.append((members[0].start, members[j].end, ""))
+        i = j + 1
+
+
+def _splice(text: str, ops: list[tuple[int, int, str]]) -> str:
+    ops.sort(key=lambda op: op[0])
+    out: list[str] = []
+    pos = 0
+    for start, end, new in ops:
+        if start < pos:
+            raise ValueError("overlapping edits")
+        out.append(text[pos:start])
+        out.append(new)
+        pos = end
+    out.append(text[pos:])
+    return "".join(out)
+
+
+def get(value: Any, path: JsonPath) -> Any:
+    """The value at `path`; KeyError/IndexError/TypeError when it does not exist."""
+    for k in path:
+        value = value[k]
+    return value
+
+
+def apply_edits(value: Any, edits: Iterable[Edit]) -> Any:
+    """The same edits as `Document.edited`, on a parsed value. Copies only the containers on edited paths."""
+    return _apply(value, _trie(edits))
+
+
+def _apply(value: Any, tree: dict[Key, Any]) -> Any:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out_v = _apply_member(v, tree.get(k))
+            if out_v is not _DELETED:
+                out[k] = out_v
+        return out
+    items = []
+    for i, v in enumerate(value):
+        out_v = _apply_member(v, tree.get(i))
+        if out_v is not _DELETED:
+            items.append(out_v)
+    return items
+
+
+_DELETED = object()
+
+
+def _apply_member(v: Any, sub: Any) -> Any:
+    if sub is None:
+        return v
+    if isinstance(sub, Delete):
+        return _DELETED
+    if isinstance(sub, Replace):
+        return sub.value
+    return _apply(v, sub)

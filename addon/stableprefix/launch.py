@@ -1,0 +1,138 @@
+"""Start and stop real mitmdump / mitmweb processes with the addon loaded (demo, CLI, tests, benchmarks).
+
+A `Proxy` listens on 127.0.0.1 with a free port unless told otherwise, is ready once mitmproxy prints its
+``listening at`` line and the addon has logged that it is active (mitmproxy silently skips a script whose
+option fails to parse, so readiness waits for the addon's own line), keeps draining its output, and is
+stopped by pid with SIGTERM (which runs the addon's ``done``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ADDON = Path(__file__).with_name("addon.py")
+LISTEN_RE = re.compile(r"listening at (?:\*|\[[^\]]*\]|[\w.:-]+?):(\d+)\.?\s*$")
+WEB_RE = re.compile(r"Web server listening at https?://[^:/]+:(\d+)")
+READY_MARK = "stableprefix active:"
+
+
+def executable(tool: str) -> str:
+    """The mitmdump/mitmweb next to this Python (the venv), else the one on PATH."""
+    here = Path(sys.executable).parent / tool
+    if here.exists():
+        return str(here)
+    found = shutil.which(tool)
+    if found is None:
+        raise FileNotFoundError(f"{tool} not found next to {sys.executable} or on PATH")
+    return found
+
+
+def command(
+    tool: str = "mitmdump",
+    mode: str | None = None,
+    port: int = 0,
+    listen_host: str = "127.0.0.1",
+    confdir: str | Path | None = None,
+    addon: bool = True,
+    extra: list[str] | tuple[str, ...] = (),
+) -> list[str]:
+    """The argument list that starts mitmproxy the way stableprefix runs it."""
+    args = [executable(tool), "--listen-host", listen_host, "--listen-port", str(port)]
+    if mode:
+        args += ["--mode", mode]
+    if confdir is not None:
+        args += ["--set", f"confdir={confdir}"]
+    if addon:
+        args += ["-s", str(ADDON)]
+    return args + list(extra)
+
+
+class Proxy:
+    """A running mitmdump or mitmweb subprocess."""
+
+    def __init__(self, args: list[str], wait_for_addon: bool = True, timeout: float = 30.0,
+                 env: dict[str, str] | None = None) -> None:  # fmt: skip
+        self.args = args
+        self.lines: list[str] = []
+        self.port: int | None = None
+        self.web_port: int | None = None
+        self._ready = threading.Event()
+        self._addon_seen = not wait_for_addon
+        self._lock = threading.Lock()
+        self.proc = subprocess.Popen(
+            args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            bufsize=1,
+            env={**os.environ, **(env or {})},
+        )
+        self._pump_thread = threading.Thread(target=self._pump, daemon=True)
+        self._pump_thread.start()
+        if not self._ready.wait(timeout) or self.port is None or not self._addon_seen:
+            self.stop()
+            raise RuntimeError("mitmproxy did not become ready:\n" + "\n".join(self.lines[-40:]))
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            line = line.rstrip("\n")
+            with self._lock:
+                self.lines.append(line)
+            if self.port is None and (m := LISTEN_RE.search(line)) and "Web server" not in line:
+                self.port = int(m.group(1))
+            if self.web_port is None and (w := WEB_RE.search(line)):
+                self.web_port = int(w.group(1))
+            if READY_MARK in line:
+                self._addon_seen = True
+            if self.port is not None and self._addon_seen:
+                self._ready.set()
+        self._ready.set()
+
+    def output(self) -> str:
+        with self._lock:
+            return "\n".join(self.lines)
+
+    def wait_for(self, text: str, timeout: float = 10.0) -> bool:
+        """True once `text` appears in the output."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.output():
+                return True
+            time.sleep(0.05)
+        return False
+
+    def stop(self) -> int:
+        """SIGTERM by pid (runs `done`), SIGKILL after 10 s; the exit status."""
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+        code = self.proc.wait()
+        self._pump_thread.join(5)
+        return code
+
+    def __enter__(self) -> Proxy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

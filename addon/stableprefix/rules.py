@@ -1,0 +1,568 @@
+"""Rules as data: what a rule may touch (scope), what it finds (matcher) and what it does (action).
+
+A rule edits only its declared scope:
+
+- ``system``: system-position text (Anthropic ``system`` and inline system messages, OpenAI system/developer
+  messages, Responses ``instructions`` and system items, Ollama system prompts);
+- ``messages:<role>``: message text of one role (``user``, ``assistant``, ``tool`` for tool results; ``*`` any);
+- ``path:<pattern>``: the JSON values a path names, e.g. ``metadata.user_id`` or ``tools[*].cache_control``;
+- ``tools``: the tools list (``sort`` by name, or ``drop`` tools whose name matches).
+
+Actions: ``drop`` (the matched span, or the field/block), ``pin`` (a constant), ``mask`` (a placeholder),
+``sticky`` (the first value seen in the same conversation), ``sort``. With named groups in the pattern, pin,
+mask and sticky replace only the groups. Patterns run on RE2, a linear-time engine, so a user's regex cannot
+backtrack catastrophically on a megabyte prompt (RE2 syntax: no backreferences or lookaround; ``\\z`` ends text).
+
+`apply` turns rules plus a request `Shape` into `jsonedit` edits and counts of what fired (names only).
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import tomllib
+from collections import Counter
+from collections import OrderedDict
+from collections.abc import Iterable
+from collections.abc import Iterator
+from collections.abc import Mapping
+from collections.abc import Sequence
+from dataclasses import dataclass
+from dataclasses import field
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+from typing import Protocol
+
+import re2
+
+from stableprefix import billing
+from stableprefix.jsonedit import Delete
+from stableprefix.jsonedit import Edit
+from stableprefix.jsonedit import JsonPath
+from stableprefix.jsonedit import Replace
+from stableprefix.shapes import Shape
+from stableprefix.shapes import TextSlot
+from stableprefix.shapes import tool_name
+
+ACTIONS = ("drop", "pin", "mask", "sticky", "sort")
+ROLES = ("user", "assistant", "tool", "*")
+BILLING_MODES = ("drop", "pin", "off")
+DEFAULT_MASK = "[masked]"
+STICKY_CAP = 10_000  # remembered first values (session, rule, group); least recently used go first
+
+
+class RuleError(ValueError):
+    """A rule or rules file that cannot be used; the message names the file, the rule and the problem."""
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    start: int
+    end: int
+    group: str  # "" for the whole match
+
+
+@dataclass(frozen=True, slots=True)
+class Found:
+    start: int
+    end: int
+    targets: tuple[Target, ...]  # the spans pin/mask/sticky replace
+
+
+class Matcher(Protocol):
+    def find(self, text: str, lead: bool) -> list[Found]: ...
+
+
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False
+
+
+@dataclass(frozen=True)
+class RegexMatcher:
+    """Every non-empty match of an RE2 pattern; named groups become the targets."""
+
+    pattern: str
+    compiled: Any = field(repr=False, compare=False, default=None)
+
+    @classmethod
+    def compile(cls, pattern: str) -> RegexMatcher:
+        try:
+            return cls(pattern, re2.compile(pattern, _RE2_OPTIONS))
+        except Exception as e:  # re2.error carries bytes
+            raise ValueError(f"bad regex {pattern!r}: {_re2_message(e)}") from None
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        return tuple(self.compiled.groupindex)
+
+    def find(self, text: str, lead: bool) -> list[Found]:
+        out = []
+        names = self.groups
+        for m in self.compiled.finditer(text):
+            if m.end() == m.start():
+                continue
+            targets = tuple(Target(m.start(g), m.end(g), g) for g in names if m.start(g) >= 0)
+            out.append(Found(m.start(), m.end(), targets or (Target(m.start(), m.end(), ""),)))
+        return out
+
+
+def _re2_message(e: Exception) -> str:
+    arg = e.args[0] if e.args else e
+    return arg.decode(errors="replace") if isinstance(arg, bytes) else str(arg)
+
+
+class BillingMatcher:
+    """The attribution header at the start of a system container's first text, or filling a whole block."""
+
+    groups = ("cch", "suffix")
+
+    def find(self, text: str, lead: bool) -> list[Found]:
+        h = billing.find(text)
+        if h is None or not (lead or not text[h.end :].strip()):
+            return []
+        targets = tuple(
+            Target(s, e, "cch" if c == billing.PINNED_CCH else "suffix") for s, e, c in h.volatile
+        )
+        return [Found(0, h.end, targets)]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A named, switchable edit of one part of a request."""
+
+    name: str
+    scopes: tuple[str, ...]
+    action: str
+    matcher: Matcher | None = None
+    value: Any = None  # str, or a table group -> str, or (path rules) any JSON value
+    enabled: bool = True
+    description: str = ""
+
+    @property
+    def preset(self) -> str:
+        return self.name.split(".", 1)[0]
+
+
+# --- built-in rules -----------------------------------------------------------------------------------
+
+
+def builtin_rules(billing_mode: str = "drop") -> list[Rule]:
+    """Every built-in rule. Only billing is on by default; the others change what the model sees."""
+    bill: list[Rule] = []
+    if billing_mode == "drop":
+        bill = [Rule("billing", ("system",), "drop", BillingMatcher(), description="drop the billing header")]
+    elif billing_mode == "pin":
+        pins = {"cch": billing.PINNED_CCH, "suffix": billing.PINNED_SUFFIX}
+        bill = [Rule("billing", ("system",), "pin", BillingMatcher(), pins, description="pin cch + suffix")]
+    rx = RegexMatcher.compile
+    return bill + [
+        Rule(
+            "date",
+            ("messages:user", "system"),
+            "sticky",
+            rx(r"Today's date(?: is|:) (?P<date>\d{4}-\d{2}-\d{2})"),
+            enabled=False,
+            description="keep the first date seen in the conversation",
+        ),
+        Rule(
+            "git_status",
+            ("system",),
+            "drop",
+            rx(r"\n*gitStatus: This is the git status at the start of the conversation\.(?s:.*)\z"),
+            enabled=False,
+            description="drop the git status snapshot at the end of the system prompt",
+        ),
+        Rule(
+            "env_block",
+            ("system",),
+            "pin",
+            rx(r"(?m)^(?:(?:Primary )?[Ww]orking directory: (?P<cwd>.*)|OS Version: (?P<os>.*))$"),
+            {"cwd": "/workspace", "os": "unknown"},
+            enabled=False,
+            description="pin working directory and OS version lines",
+        ),
+        Rule(
+            "resume.hook",
+            ("messages:user",),
+            "pin",
+            rx(r"SessionStart:resume hook success:"),
+            "SessionStart:startup hook success:",
+            enabled=False,
+            description="resume artefacts: resume hook line",
+        ),
+        Rule(
+            "resume.session_id",
+            ("messages:user",),
+            "drop",
+            rx(r"\n?<session-id>[^<]*</session-id>"),
+            enabled=False,
+            description="resume artefacts: session id tag",
+        ),
+        Rule(
+            "resume.last_active",
+            ("messages:user",),
+            "drop",
+            rx(r"\nLast active:[^\n]*"),
+            enabled=False,
+            description="resume artefacts: last active line",
+        ),
+        Rule("tool_order", ("tools",), "sort", enabled=False, description="sort tools: built-ins, then MCP"),
+        Rule(
+            "user_id",
+            ("path:metadata.user_id",),
+            "pin",
+            value="stableprefix",
+            enabled=False,
+            description="pin metadata.user_id",
+        ),
+        Rule(
+            "cache_control",
+            (
+                "path:system[*].cache_control",
+                "path:messages[*].content[*].cache_control",
+                "path:tools[*].cache_control",
+            ),
+            "drop",
+            enabled=False,
+            description="drop cache_control markers (for servers that reject them)",
+        ),
+    ]
+
+
+BUILTIN_NAMES = tuple(dict.fromkeys(r.preset for r in builtin_rules()))
+
+
+def switch(rules: Iterable[Rule], on: Iterable[str] = (), off: Iterable[str] = ()) -> list[Rule]:
+    """Rules with the named rules or presets (``resume`` covers ``resume.*``) switched on or off."""
+    on_set, off_set = set(on), set(off)
+    out = []
+    for r in rules:
+        names = {r.name, r.preset}
+        if names & off_set:
+            r = replace(r, enabled=False)
+        elif names & on_set:
+            r = replace(r, enabled=True)
+        out.append(r)
+    return out
+
+
+# --- building rules from data (TOML) -------------------------------------------------------------------
+
+
+def _check_scope(scope: str) -> None:
+    if scope in ("system", "tools"):
+        return
+    if scope.startswith("messages:") and scope.split(":", 1)[1] in ROLES:
+        return
+    if scope.startswith("path:"):
+        parse_path_pattern(scope[5:])
+        return
+    raise ValueError(
+        f"unknown scope {scope!r} (system, tools, messages:<{'|'.join(ROLES)}>, path:<a.b[*].c>)"
+    )
+
+
+def make_rule(spec: Mapping[str, Any]) -> Rule:
+    """A rule from a table of a rules file. Raises ValueError naming the problem."""
+    known = {"name", "scope", "match", "action", "value", "enabled", "description"}
+    if extra := set(spec) - known:
+        raise ValueError(f"unknown key(s) {sorted(extra)}; allowed: {sorted(known)}")
+    name = spec.get("name")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise ValueError("name must be a string of letters, digits, '_', '.', '-'")
+    scope = spec.get("scope")
+    scopes = (scope,) if isinstance(scope, str) else scope
+    if not isinstance(scopes, list | tuple) or not scopes or not all(isinstance(s, str) for s in scopes):
+        raise ValueError("scope must be a string or a non-empty list of strings")
+    for s in scopes:
+        _check_scope(s)
+    action = spec.get("action")
+    if action not in ACTIONS:
+        raise ValueError(f"unknown action {action!r}; one of {', '.join(ACTIONS)}")
+    enabled = spec.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise ValueError("enabled must be true or false")
+    description = spec.get("description", "")
+    if not isinstance(description, str):
+        raise ValueError("description must be a string")
+    text_scopes = [s for s in scopes if s == "system" or s.startswith("messages:")]
+    pattern = spec.get("match")
+    if pattern is not None and not isinstance(pattern, str):
+        raise ValueError("match must be a string (an RE2 regular expression)")
+    matcher = RegexMatcher.compile(pattern) if pattern is not None else None
+    if action == "sort" and scopes != ("tools",) and list(scopes) != ["tools"]:
+        raise ValueError("action sort applies to scope 'tools' only")
+    if "tools" in scopes and action not in ("sort", "drop"):
+        raise ValueError("scope 'tools' takes action sort or drop")
+    if "tools" in scopes and action == "drop" and matcher is None:
+        raise ValueError("dropping tools needs 'match' (a regex on the tool name)")
+    if text_scopes and matcher is None:
+        raise ValueError(f"scope {text_scopes[0]!r} needs 'match' (a regex)")
+    value = spec.get("value")
+    if action in ("pin", "mask", "sticky") and matcher is not None:
+        groups = set(getattr(matcher, "groups", ()))
+        if isinstance(value, dict):
+            if missing := groups - set(value):
+                raise ValueError(f"value has no entry for group(s) {sorted(missing)}")
+            if bad := [k for k, v in value.items() if not isinstance(v, str)]:
+                raise ValueError(f"value for group(s) {bad} must be a string")
+        elif value is not None and not isinstance(value, str):
+            raise ValueError("value must be a string or a table of strings per named group")
+    if action == "pin" and value is None:
+        raise ValueError("action pin needs a 'value'")
+    return Rule(name, tuple(scopes), action, matcher, value, enabled, description)
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    """User rules and built-in switches read from a rules file."""
+
+    rules: tuple[Rule, ...] = ()
+    on: frozenset[str] = frozenset()
+    off: frozenset[str] = frozenset()
+
+
+def load_rules_file(path: str | Path) -> RuleSet:
+    """Read a TOML rules file: ``[builtins]`` switches and ``[[rule]]`` tables. Raises RuleError."""
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise RuleError(f"{path}: cannot read: {e.strerror or e}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise RuleError(f"{path}: not valid TOML: {e}") from None
+    if extra := set(data) - {"builtins", "rule"}:
+        raise RuleError(f"{path}: unknown table(s) {sorted(extra)}; expected [builtins] and [[rule]]")
+    on: set[str] = set()
+    off: set[str] = set()
+    builtins = data.get("builtins", {})
+    if not isinstance(builtins, dict):
+        raise RuleError(f"{path}: [builtins] must be a table of name = true|false")
+    for name, flag in builtins.items():
+        if name not in BUILTIN_NAMES and name not in {r.name for r in builtin_rules()}:
+            raise RuleError(
+                f"{path}: [builtins] {name!r}: unknown built-in; one of {', '.join(BUILTIN_NAMES)}"
+            )
+        if not isinstance(flag, bool):
+            raise RuleError(f"{path}: [builtins] {name!r}: must be true or false")
+        (on if flag else off).add(name)
+    tables = data.get("rule", [])
+    if not isinstance(tables, list):
+        raise RuleError(f"{path}: 'rule' must be an array of tables ([[rule]])")
+    rules: list[Rule] = []
+    seen = set(BUILTIN_NAMES) | {r.name for r in builtin_rules()}
+    for i, table in enumerate(tables):
+        label = (
+            table.get("name")
+            if isinstance(table, dict) and isinstance(table.get("name"), str)
+            else f"#{i + 1}"
+        )
+        try:
+            if not isinstance(table, dict):
+                raise ValueError("must be a table")
+            rule = make_rule(table)
+        except ValueError as e:
+            raise RuleError(f"{path}: rule {label!r}: {e}") from None
+        if rule.name in seen:
+            raise RuleError(f"{path}: rule {label!r}: name already used (by a built-in or an earlier rule)")
+        seen.add(rule.name)
+        rules.append(rule)
+    return RuleSet(tuple(rules), frozenset(on), frozenset(off))
+
+
+# --- JSON path patterns ------------------------------------------------------------------------------
+
+_PATH_TOKEN = re.compile(r"\.?([A-Za-z0-9_$-]+)|\[(\*|\d+)\]")
+
+
+def parse_path_pattern(pattern: str) -> tuple[str | int | None, ...]:
+    """``a.b[*].c[0]`` -> ("a", "b", None, "c", 0); None is any array index. Raises ValueError."""
+    tokens: list[str | int | None] = []
+    pos = 0
+    while pos < len(pattern):
+        m = _PATH_TOKEN.match(pattern, pos)
+        if m is None or (pos == 0 and pattern.startswith(".")):
+            raise ValueError(f"bad path {pattern!r} at {pos}")
+        if m.group(1) is not None:
+            tokens.append(m.group(1))
+        else:
+            tokens.append(None if m.group(2) == "*" else int(m.group(2)))
+        pos = m.end()
+    if not tokens:
+        raise ValueError("empty path")
+    return tuple(tokens)
+
+
+def expand_path(value: Any, pattern: Sequence[str | int | None], base: JsonPath = ()) -> Iterator[JsonPath]:
+    """The concrete paths in `value` that a parsed path pattern names."""
+    if not pattern:
+        yield base
+        return
+    head, rest = pattern[0], pattern[1:]
+    if isinstance(head, str):
+        if isinstance(value, dict) and head in value:
+            yield from expand_path(value[head], rest, (*base, head))
+    elif isinstance(value, list):
+        indices = range(len(value)) if head is None else [head] if 0 <= head < len(value) else []
+        for i in indices:
+            yield from expand_path(value[i], rest, (*base, i))
+
+
+# --- applying rules -------------------------------------------------------------------------------------
+
+
+class StickyMemory:
+    """First values seen per (conversation, rule, group), bounded LRU; safe to share between flows."""
+
+    def __init__(self, cap: int = STICKY_CAP) -> None:
+        self.cap = cap
+        self._values: OrderedDict[tuple[str, str, str], Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def first(self, key: tuple[str, str, str], value: Any) -> Any:
+        with self._lock:
+            if key in self._values:
+                self._values.move_to_end(key)
+                return self._values[key]
+            self._values[key] = value
+            if len(self._values) > self.cap:
+                self._values.popitem(last=False)
+            return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._values.clear()
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+
+@dataclass
+class Outcome:
+    edits: list[Edit] = field(default_factory=list)
+    fired: Counter[str] = field(default_factory=Counter)
+
+
+def _in_scope(rule: Rule, slot: TextSlot) -> bool:
+    for s in rule.scopes:
+        if s == "system" and slot.scope == "system":
+            return True
+        if s.startswith("messages:") and slot.scope != "system" and s[9:] in ("*", slot.scope):
+            return True
+    return False
+
+
+def _replacement(rule: Rule, group: str, old: Any, session: str, sticky: StickyMemory) -> Any:
+    if rule.action == "sticky":
+        return sticky.first((session, rule.name, group), old)
+    value = rule.value
+    if isinstance(value, dict):
+        value = value.get(group, value.get("", DEFAULT_MASK))
+    if value is None:
+        value = DEFAULT_MASK
+    return value
+
+
+def _edit_text(rule: Rule, text: str, lead: bool, session: str, sticky: StickyMemory) -> tuple[str, int]:
+    """`text` after one rule, and how many matches changed it."""
+    assert rule.matcher is not None
+    pieces: list[str] = []
+    pos = changed = 0
+    for found in rule.matcher.find(text, lead):
+        if rule.action == "drop":
+            spans = [(found.start, found.end, "")]
+        else:
+            spans = [
+                (t.start, t.end, _replacement(rule, t.group, text[t.start : t.end], session, sticky))
+                for t in found.targets
+            ]
+        before = len(pieces)
+        for start, end, new in spans:
+            if start < pos:
+                continue
+            if new != text[start:end]:
+                pieces.append(text[pos:start])
+                pieces.append(new)
+                pos = end
+        changed += len(pieces) > before
+    if not changed:
+        return text, 0
+    pieces.append(text[pos:])
+    return "".join(pieces), changed
+
+
+def apply(
+    shape: Shape, rules: Sequence[Rule], session: str = "", sticky: StickyMemory | None = None
+) -> Outcome:
+    """The edits the enabled `rules` make to a request, and how often each rule fired."""
+    sticky = sticky if sticky is not None else StickyMemory()
+    out = Outcome()
+    active = [r for r in rules if r.enabled]
+    text_rules = [
+        r for r in active if r.matcher is not None and r.action != "sort" and "tools" not in r.scopes
+    ]
+    for slot in shape.slots:
+        text = slot.text
+        for rule in text_rules:
+            if _in_scope(rule, slot):
+                text, n = _edit_text(rule, text, slot.lead, session, sticky)
+                out.fired[rule.name] += n
+        if text == slot.text:
+            continue
+        if slot.scope == "system" and slot.block is not None and not text.strip():
+            out.edits.append(Delete(slot.block))
+        else:
+            out.edits.append(Replace(slot.path, text))
+    for rule in active:
+        for scope in rule.scopes:
+            if scope.startswith("path:"):
+                _apply_path_rule(rule, scope[5:], shape.body, session, sticky, out)
+            elif scope == "tools":
+                _apply_tools_rule(rule, shape.body, out)
+    out.fired = Counter({k: v for k, v in out.fired.items() if v})
+    return out
+
+
+def _apply_path_rule(
+    rule: Rule, pattern: str, body: Any, session: str, sticky: StickyMemory, out: Outcome
+) -> None:
+    for path in list(expand_path(body, parse_path_pattern(pattern))):
+        old = body
+        for k in path:
+            old = old[k]
+        if rule.action == "drop" and rule.matcher is None:
+            out.edits.append(Delete(path))
+            out.fired[rule.name] += 1
+            continue
+        if rule.matcher is not None:
+            if not isinstance(old, str):
+                continue
+            new, n = _edit_text(rule, old, False, session, sticky)
+        else:
+            new = _replacement(rule, "", old, session, sticky)
+            n = int(new != old)
+        if n:
+            out.edits.append(Replace(path, new))
+            out.fired[rule.name] += n
+
+
+def tool_sort_key(tool: Any) -> tuple[bool, str]:
+    """Claude Code's own order: built-in tools by name, then MCP tools (``mcp__*``) by name."""
+    name = tool_name(tool)
+    return (name.startswith("mcp__"), name)
+
+
+def _apply_tools_rule(rule: Rule, body: Any, out: Outcome) -> None:
+    tools = body.get("tools")
+    if not isinstance(tools, list):
+        return
+    if rule.action == "sort":
+        ordered = sorted(tools, key=tool_sort_key)
+        if ordered != tools:
+            out.edits.append(Replace(("tools",), ordered))
+            out.fired[rule.name] += 1
+    elif rule.action == "drop" and rule.matcher is not None:
+        for i, t in enumerate(tools):
+            if rule.matcher.find(tool_name(t), False):
+                out.edits.append(Delete(("tools", i)))
+                out.fired[rule.name] += 1
