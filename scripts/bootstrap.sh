@@ -34,10 +34,13 @@ sp_bootstrap() {
   if [ -x "$SP_VENV/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
     return 0
   fi
-  local py
-  py="$(sp_find_python)"
-  echo "stableprefix: setting up $SP_VENV with $py ($("$py" --version 2>&1))" >&2
-  [ -x "$SP_VENV/bin/python" ] || "$py" -m venv "$SP_VENV"
+  if [ ! -x "$SP_VENV/bin/python" ]; then
+    local py
+    py="$(sp_find_python)"
+    echo "stableprefix: creating $SP_VENV with $py ($("$py" --version 2>&1))" >&2
+    "$py" -m venv "$SP_VENV"
+  fi
+  echo "stableprefix: installing the project into $SP_VENV" >&2
   "$SP_VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip >&2
   "$SP_VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$SP_ROOT[dev]" >&2
   echo "$want" > "$stamp"
