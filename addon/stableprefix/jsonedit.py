@@ -118,10 +118,15 @@ class Document:
         """Parse UTF-8 JSON whose top level is an object. Raises ValueError (incl. NotAnObject)."""
         text = raw.decode("utf-8")
         start = _ws(text, 0)
+        if start == len(text):
+            raise ValueError("empty body")
         if start >= len(text) or text[start] != "{":
             json.loads(text)  # raises JSONDecodeError for non-JSON
             raise NotAnObject("top level is not an object")
-        members, end = _members(text, start)
+        try:
+            members, end = _members(text, start)
+        except IndexError:
+            raise ValueError("truncated JSON") from None
         if text[_ws(text, end) :]:
             raise ValueError("extra data after the JSON object")
         value: dict[str, Any] = {}
