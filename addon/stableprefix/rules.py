@@ -41,6 +41,7 @@ from stableprefix.jsonedit import Delete
 from stableprefix.jsonedit import Edit
 from stableprefix.jsonedit import JsonPath
 from stableprefix.jsonedit import Replace
+from stableprefix.jsonedit import apply_edits
 from stableprefix.shapes import Shape
 from stableprefix.shapes import TextSlot
 from stableprefix.shapes import tool_name
@@ -98,11 +99,11 @@ class RegexMatcher:
 
     def find(self, text: str, lead: bool) -> list[Found]:
         out = []
-        names = self.groups
+        groups = list(self.compiled.groupindex.items())  # google-re2 spans take group numbers only
         for m in self.compiled.finditer(text):
             if m.end() == m.start():
                 continue
-            targets = tuple(Target(m.start(g), m.end(g), g) for g in names if m.start(g) >= 0)
+            targets = tuple(Target(m.start(i), m.end(i), g) for g, i in groups if m.start(i) >= 0)
             out.append(Found(m.start(), m.end(), targets or (Target(m.start(), m.end(), ""),)))
         return out
 
@@ -513,12 +514,16 @@ def apply(
             out.edits.append(Delete(slot.block))
         else:
             out.edits.append(Replace(slot.path, text))
-    for rule in active:
-        for scope in rule.scopes:
-            if scope.startswith("path:"):
-                _apply_path_rule(rule, scope[5:], shape.body, session, sticky, out)
-            elif scope == "tools":
-                _apply_tools_rule(rule, shape.body, out)
+    # Path rules, then tools rules, each on the body as the rules before it left it.
+    for kind in ("path:", "tools"):
+        for rule in active:
+            for scope in rule.scopes:
+                if scope.startswith(kind):
+                    body = apply_edits(shape.body, out.edits) if out.edits else shape.body
+                    if kind == "tools":
+                        _apply_tools_rule(rule, body, out)
+                    else:
+                        _apply_path_rule(rule, scope[5:], body, session, sticky, out)
     out.fired = Counter({k: v for k, v in out.fired.items() if v})
     return out
 
