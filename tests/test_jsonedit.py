@@ -44,14 +44,21 @@ def test_delete_array_element_takes_one_separator(index: int, expected: str) -> 
 
 
 def test_delete_runs_and_everything() -> None:
-    assert edit(RAW, Delete(("a", 1)), Delete(("a", 2))).startswith('{ "b": 1.50, "a": [ {"x": "\\u00e9"} ] ,')
-    assert edit(RAW, Delete(("a", 0)), Delete(("a", 1)), Delete(("a", 2))).startswith('{ "b": 1.50, "a": [  ] ,')
+    assert edit(RAW, Delete(("a", 1)), Delete(("a", 2))).startswith(
+        '{ "b": 1.50, "a": [ {"x": "\\u00e9"} ] ,'
+    )
+    assert edit(RAW, Delete(("a", 0)), Delete(("a", 1)), Delete(("a", 2))).startswith(
+        '{ "b": 1.50, "a": [  ] ,'
+    )
     assert edit(RAW, Delete(("a", 0)), Delete(("a", 1))).startswith('{ "b": 1.50, "a": [ 3 ] ,')
 
 
 def test_delete_top_level_members() -> None:
     assert edit(RAW, Delete(("b",))) == RAW.replace('"b": 1.50, ', "")
-    assert edit(RAW, Delete(("z",))) == '{ "b": 1.50, "a": [ {"x": "\\u00e9"} , {"y": 1E5}, 3 ] ,"s":"keep\\/me" }'
+    assert (
+        edit(RAW, Delete(("z",)))
+        == '{ "b": 1.50, "a": [ {"x": "\\u00e9"} , {"y": 1E5}, 3 ] ,"s":"keep\\/me" }'
+    )
 
 
 def test_edit_below_a_deleted_node_is_ignored() -> None:
@@ -70,7 +77,9 @@ def test_lone_surrogate_replacement_stays_valid_utf8() -> None:
     out.encode("utf-8")
 
 
-@pytest.mark.parametrize("raw", [b"", b"[1]", b"3", b'"s"', b"{", b'{"a":1', b'{"a":1} x', b"\xff{}", b'{"a":1,"a":2}'])
+@pytest.mark.parametrize(
+    "raw", [b"", b"[1]", b"3", b'"s"', b"{", b'{"a":1', b'{"a":1} x', b"\xff{}", b'{"a":1,"a":2}']
+)
 def test_bad_documents_raise_value_error(raw: bytes) -> None:
     with pytest.raises(ValueError):
         Document.parse(raw)

@@ -36,14 +36,17 @@ def system_texts(body: dict[str, Any]) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    "name", ["cc_2_1_39_cch.json", "cc_2_1_177_sdk_cch.json", "cc_2_1_181_nocch.json", "cc_workload_cron.json"]
+    "name",
+    ["cc_2_1_39_cch.json", "cc_2_1_177_sdk_cch.json", "cc_2_1_181_nocch.json", "cc_workload_cron.json"],
 )
 def test_drop_removes_the_header_block_and_nothing_else(name: str) -> None:
     raw, result = run(name)
     original = json.loads(raw)
     out = forwarded(raw, result)
     assert out["system"] == original["system"][1:]
-    assert {k: v for k, v in out.items() if k != "system"} == {k: v for k, v in original.items() if k != "system"}
+    assert {k: v for k, v in out.items() if k != "system"} == {
+        k: v for k, v in original.items() if k != "system"
+    }
     assert result.record["removed"] == {"billing": 1}
     assert result.record["rewritten"] is True
 
@@ -155,7 +158,12 @@ def test_records_carry_no_prompt_text_or_ids() -> None:
     text = json.dumps(result.record)
     for secret in ("Claude Code", "56445", "5f0c5a2e", "fix the bug", "c39"):
         assert secret not in text
-    assert result.record["billing"] == {"cc_version": "2.1.39", "cc_entrypoint": "cli", "cch": True, "cc_workload": None}
+    assert result.record["billing"] == {
+        "cc_version": "2.1.39",
+        "cc_entrypoint": "cli",
+        "cch": True,
+        "cc_workload": None,
+    }
 
 
 @pytest.mark.parametrize(

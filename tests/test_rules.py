@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from stableprefix import rules as rl
 from stableprefix import shapes
 from stableprefix.jsonedit import Delete

@@ -3,6 +3,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
 from stableprefix import shapes
 from stableprefix.shapes import Api
 from stableprefix.shapes import ShapeError

@@ -17,10 +17,10 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
 from stableprefix import launch
 from stableprefix import pipeline
 from stableprefix.upstream import Upstream
-
 from tests.conftest import FIXTURES
 from tests.conftest import MitmFactory
 from tests.conftest import post
