@@ -192,11 +192,16 @@ class Session:
 
 def body_of_size(target_bytes: int, seed: int = 0) -> dict[str, Any]:
     """A Claude-Code-shaped request grown (by history) to about `target_bytes` of JSON."""
-    s = Session(result_chars=4000)
+    small = target_bytes < 40_000
+    s = Session(
+        result_chars=4000 if not small else 500,
+        system_chars=8000 if not small else max(500, target_bytes // 3),
+        tool_count=20 if not small else max(2, min(20, target_bytes // 3000)),
+    )
     turn = 1
     body = s.request(turn, seed)
     while len(json.dumps(body)) < target_bytes:
-        step = max(1, (target_bytes - len(json.dumps(body))) // 4500)
+        step = max(1, (target_bytes - len(json.dumps(body))) // (s.result_chars + 500))
         turn += step
         body = s.request(turn, seed)
     return body
