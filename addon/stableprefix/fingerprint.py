@@ -20,6 +20,11 @@ from dataclasses import asdict
 from dataclasses import dataclass
 from typing import Any
 
+try:  # optional speed-up; the bytes are the same with or without it (see canonical_bytes)
+    import orjson
+except ImportError:  # pragma: no cover
+    orjson = None  # type: ignore[assignment]
+
 from stableprefix.shapes import Parts
 
 CHAIN_HEX = 16  # chain entries are truncated; full digests for the single hashes
@@ -41,6 +46,54 @@ def canonical_bytes(value: Any) -> bytes:
     """Deterministic bytes of an already canonical value."""
     text = json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return text.encode("utf-8", "surrogatepass")
+
+
+def _walk(value: Any, floats: list[float]) -> Any:
+    """`canonical(value)` in one pass that also collects the floats it meets."""
+    if type(value) is dict:
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            if k == "cache_control":
+                continue
+            t = type(v)
+            if t is dict or t is list:
+                v = _walk(v, floats)
+            elif t is float:
+                floats.append(v)
+            out[k] = v
+        if "role" in out and type(out.get("content")) is str:
+            out["content"] = [{"type": "text", "text": out["content"]}]
+        return out
+    if type(value) is list:
+        items = []
+        for v in value:
+            t = type(v)
+            if t is dict or t is list:
+                v = _walk(v, floats)
+            elif t is float:
+                floats.append(v)
+            items.append(v)
+        return items
+    if type(value) is float:
+        floats.append(value)
+    return value
+
+
+def canonical_dump(value: Any) -> bytes:
+    """``canonical_bytes(canonical(value))``, faster.
+
+    orjson writes the same bytes as ``json.dumps(sort_keys=True, ensure_ascii=False, separators=(",", ":"))``
+    except for floats below 1e-4 (``1e-05`` vs ``0.00001``), integers beyond 64 bits and lone surrogates
+    (orjson refuses the last two): values holding a float or refused by orjson take the json path.
+    """
+    floats: list[float] = []
+    canon = _walk(value, floats)
+    if orjson is not None and not floats:
+        try:
+            return orjson.dumps(canon, option=orjson.OPT_SORT_KEYS)
+        except TypeError:  # orjson.JSONEncodeError: big integer, lone surrogate
+            pass
+    return canonical_bytes(canon)
 
 
 def sha(data: bytes) -> str:
@@ -65,17 +118,19 @@ class Fingerprint:
 
 def fingerprint(parts: Parts) -> Fingerprint:
     """Hashes of a request's parts (see the module docstring for the canonical form)."""
-    system = canonical_bytes(parts.system)
-    tools = canonical_bytes(canonical(parts.tools))
-    params = canonical_bytes(canonical(parts.params))
+    system = canonical_dump(parts.system)
+    tools = canonical_dump(parts.tools)
+    params = canonical_dump(parts.params)
     system_hash, tools_hash, params_hash = sha(system), sha(tools), sha(params)
     prefix_hash = sha(f"{system_hash}{tools_hash}".encode())
     link = sha(f"{prefix_hash}{params_hash}".encode())
     chain: list[str] = []
     sizes: list[int] = []
     for m in parts.messages:
-        data = canonical_bytes(canonical(m))
-        link = sha(link.encode() + data)
+        data = canonical_dump(m)
+        h = hashlib.sha256(link.encode())
+        h.update(data)
+        link = h.hexdigest()
         chain.append(link[:CHAIN_HEX])
         sizes.append(len(data))
     return Fingerprint(
@@ -89,3 +144,4 @@ def fingerprint(parts: Parts) -> Fingerprint:
         len(tools),
         sizes,
     )
+
