@@ -62,11 +62,22 @@ def run_arm(observe: bool, turns: list[Turn], workdir: Path) -> list[dict[str, A
     return records
 
 
-def main() -> int:
+def main(html: str | None = None) -> int:
+    """Run both arms, print the hash table and the report of both logs; `html`: also write the page."""
+    from stableprefix import report
+    from stableprefix.reportpage import render_html
+
     turns = session_turns()
     with tempfile.TemporaryDirectory(prefix="stableprefix-demo-") as tmp:
         without = run_arm(True, turns, Path(tmp))
         with_ = run_arm(False, turns, Path(tmp))
+        reports = [
+            (
+                "Without the addon (observe mode: nothing rewritten)",
+                report.read([Path(tmp) / "without.jsonl"]),
+            ),
+            ("With the addon", report.read([Path(tmp) / "with.jsonl"])),
+        ]
     print("Replaying a Claude-Code-shaped session (3-block system, cch changing per request, 20 tools,")
     print("growing history; B1 is a subagent with another cc_version suffix) through real mitmdump.")
     print("reused = prompt tokens the built-in upstream's one-slot prefix cache could reuse (simulated).\n")
@@ -88,4 +99,10 @@ def main() -> int:
         f"with the addon:    {distinct_with} distinct prefix hash{'es' if distinct_with != 1 else ''} "
         f"in {len(turns)} requests (rules fired: {sorted({k for r in with_ for k in r['removed']})})"
     )
+    for title, rep in reports:
+        print(f"\n=== stableprefix report: {title} ===")
+        print(report.render_text(rep), end="")
+    if html:
+        Path(html).write_text(render_html(reports, title="stableprefix demo report"), encoding="utf-8")
+        print(f"\nwrote {html}")
     return 0 if distinct_with == 1 and distinct_without == len(turns) else 1

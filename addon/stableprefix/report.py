@@ -104,7 +104,10 @@ class Turn:
 
     @property
     def verdict(self) -> str:
-        return str(self.rec.get("verdict") or "?")
+        v = self.rec.get("verdict")
+        if v:
+            return str(v)
+        return "-" if self.cls == "count_tokens" else "?"
 
     @property
     def cause(self) -> str | None:
@@ -204,7 +207,7 @@ class Turn:
     def saved_tokens(self) -> int | None:
         """Reusable prefix of a later turn whose request the rules rewrote (upper bound, see module doc)."""
         fired, observe = self.rules()
-        if not fired or observe or self.n == 1 or self.cls == "count_tokens" or self.client_loss:
+        if not fired or observe or self.n == 1 or self.cls == "count_tokens":
             return None
         r = self.reusable_chars
         return tokens(r) if r is not None else None
@@ -267,6 +270,7 @@ class Problem:
 @dataclass
 class Totals:
     requests: int = 0
+    verdicts: int = 0  # records that carry a verdict (older logs have none)
     by_class: Counter[str] = field(default_factory=Counter)
     later_turns: int = 0  # turns after the first of their stream (count_tokens excluded)
     append_only: int = 0
@@ -310,7 +314,7 @@ class Report:
             turn = self._by_id[(file, rid)]
             turn.rec.update(rec)
             return turn
-        key = str(rec.get("stream") or (f"session {rec['session']}" if rec.get("session") else "?"))
+        key = str(rec.get("stream") or (f"session:{rec['session']}" if rec.get("session") else "?"))
         stream = self.streams.setdefault(key, Stream(key))
         prev = next((t for t in reversed(stream.turns) if t.cls != "count_tokens"), None)
         turn = Turn(rec, where, len(stream.turns) + 1, prev)
@@ -393,10 +397,7 @@ class Report:
         from mitmproxy import http
         from mitmproxy import io as mio
 
-        from stableprefix import pipeline
-        from stableprefix.analyzer import Analyzer
-
-        analyzer = Analyzer(pipeline.Settings(observe=True))
+        analyzer: Any = None
         reader = mio.FlowReader(fo)
         index = 0  # flows read so far, readable or not
         skipped: dict[str, list[int]] = {}  # message -> [first flow, count]
@@ -409,6 +410,8 @@ class Report:
                     if not isinstance(f, http.HTTPFlow):
                         continue
                     where = f"{name} flow {index}"
+                    if analyzer is None:
+                        analyzer = new_analyzer()
                     try:
                         rec = analyze_flow(analyzer, f)
                     except Exception as e:  # noqa: BLE001 - one bad flow must not end the report
@@ -451,6 +454,8 @@ class Report:
             r = turn.rec
             t.requests += 1
             t.by_class[turn.cls] += 1
+            if r.get("verdict"):
+                t.verdicts += 1
             if turn.cls != "count_tokens" and turn.n > 1:
                 t.later_turns += 1
                 if turn.verdict == "append-only":
@@ -502,6 +507,14 @@ def detect(head: bytes, fo: BinaryIO) -> str:
         fo.seek(0)
         return "har" if first == b"{" else "jsonl"
     return "unknown"
+
+
+def new_analyzer() -> Any:
+    """The core that fingerprints recorded requests offline, in observe mode (rules report, never rewrite)."""
+    from stableprefix import pipeline
+    from stableprefix.analyzer import Analyzer
+
+    return Analyzer(pipeline.Settings(observe=True))
 
 
 def analyze_flow(analyzer: Any, f: Any) -> dict[str, Any] | None:
@@ -608,7 +621,9 @@ def turn_row(t: Turn) -> list[str]:
 
 
 def stream_title(s: Stream) -> str:
-    bits = [f"stream {s.key[:12]}", s.cls, f"{len(s.turns)} request{'s' if len(s.turns) != 1 else ''}"]
+    sid = s.attr("stream")
+    bits = [f"stream {sid[:12]}" if sid else "stream (no id in the log)", s.cls]
+    bits.append(f"{len(s.turns)} request{'s' if len(s.turns) != 1 else ''}")
     if sess := s.attr("session"):
         bits.append(f"session {sess[:12]}")
     if host := s.attr("host"):
@@ -703,9 +718,13 @@ def render_totals(t: Totals) -> list[str]:
             f"  observe mode: rules would rewrite {t.observed} request{'s' if t.observed != 1 else ''} ({fired}) "
             f"and save {fmt(t.would_save, True)} tokens on {t.would_save_turns} turn{'s' if t.would_save_turns != 1 else ''}"
         )
+    if t.requests and not t.verdicts:
+        out.append(
+            "  this log has no verdicts (written before stableprefix tracked streams): sizes and rules only"
+        )
+    out.append("  ~ = estimated (4 characters per token); other figures as the server reported them.")
     out.append(
-        "  (~ = estimated, 4 characters per token; other figures as the server reported them. "
-        "lost = tokens of the previous request processed again)"
+        "  lost = tokens of the previous request of the stream processed again after a client-side change."
     )
     return out
 
