@@ -171,43 +171,55 @@ fi
 
 missing=()   # human-readable
 apt_pkgs=()  # what to apt-get install
-if ! command -v "$PYTHON" >/dev/null 2>&1; then
-  missing+=("$PYTHON (python3)"); apt_pkgs+=(python3 python3-pip)
-elif ! "$PYTHON" -m pip --version >/dev/null 2>&1; then
-  missing+=("pip for $PYTHON"); apt_pkgs+=(python3-pip)
-fi
-for tool in tar sha256sum timeout; do
-  command -v "$tool" >/dev/null 2>&1 || { missing+=("$tool"); apt_pkgs+=(coreutils tar); }
-done
-if ((NEED_SERVER)); then
-  command -v cmake >/dev/null 2>&1 || { missing+=("cmake"); apt_pkgs+=(cmake); }
-  command -v ninja >/dev/null 2>&1 || { missing+=("ninja"); apt_pkgs+=(ninja-build); }
-  if ! command -v c++ >/dev/null 2>&1 && ! command -v g++ >/dev/null 2>&1 && ! command -v clang++ >/dev/null 2>&1; then
-    missing+=("a C++ compiler (g++)"); apt_pkgs+=(g++)
+check_prereqs() {
+  missing=()
+  apt_pkgs=()
+  if ! command -v "$PYTHON" >/dev/null 2>&1; then
+    missing+=("$PYTHON (python3)"); apt_pkgs+=(python3 python3-pip)
+  elif ! "$PYTHON" -m pip --version >/dev/null 2>&1; then
+    missing+=("pip for $PYTHON"); apt_pkgs+=(python3-pip)
   fi
-  if ! command -v cc >/dev/null 2>&1 && ! command -v gcc >/dev/null 2>&1 && ! command -v clang >/dev/null 2>&1; then
-    missing+=("a C compiler (gcc)"); apt_pkgs+=(g++)
+  local tool
+  for tool in tar sha256sum timeout; do
+    command -v "$tool" >/dev/null 2>&1 || { missing+=("$tool"); apt_pkgs+=(coreutils tar); }
+  done
+  if ((NEED_SERVER)); then
+    command -v cmake >/dev/null 2>&1 || { missing+=("cmake"); apt_pkgs+=(cmake); }
+    command -v ninja >/dev/null 2>&1 || { missing+=("ninja"); apt_pkgs+=(ninja-build); }
+    if ! command -v c++ >/dev/null 2>&1 && ! command -v g++ >/dev/null 2>&1 && ! command -v clang++ >/dev/null 2>&1; then
+      missing+=("a C++ compiler (g++)"); apt_pkgs+=(g++)
+    fi
+    if ! command -v cc >/dev/null 2>&1 && ! command -v gcc >/dev/null 2>&1 && ! command -v clang >/dev/null 2>&1; then
+      missing+=("a C compiler (gcc)"); apt_pkgs+=(g++)
+    fi
   fi
-fi
+  if ((${#apt_pkgs[@]})); then  # de-duplicate, keep order
+    mapfile -t apt_pkgs < <(printf '%s\n' "${apt_pkgs[@]}" | awk '!seen[$0]++')
+  fi
+  ((${#missing[@]} == 0))
+}
 
-if ((${#missing[@]})); then
-  # de-duplicate, keep order
-  mapfile -t apt_pkgs < <(printf '%s\n' "${apt_pkgs[@]}" | awk '!seen[$0]++')
-  apt_line="apt-get update && apt-get install -y ${apt_pkgs[*]}"
-  sudo_=""
+report_missing_and_exit() {
+  local sudo_=""
   [[ "$(id -u)" == "0" ]] || sudo_="sudo "
+  log "missing prerequisites: ${missing[*]}"
+  log "install them with:"
+  log "    ${sudo_}apt-get update && ${sudo_}apt-get install -y ${apt_pkgs[*]}"
+  log "(or re-run as root with --install-deps, or as root with CI=true)"
+  exit 2
+}
+
+if ! check_prereqs; then
   if ((INSTALL_DEPS)) && [[ "$(id -u)" == "0" ]] && command -v apt-get >/dev/null 2>&1; then
     log "missing: ${missing[*]}"
-    log "running: $apt_line"
+    log "running: apt-get update && apt-get install -y ${apt_pkgs[*]}"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update >&2
-    apt-get install -y "${apt_pkgs[@]}" >&2
+    apt-get update >&2 || log "apt-get update failed; trying the install anyway"
+    apt-get install -y "${apt_pkgs[@]}" >&2 || true
+    hash -r
+    check_prereqs || report_missing_and_exit
   else
-    log "missing prerequisites: ${missing[*]}"
-    log "install them with:"
-    log "    ${sudo_}apt-get update && ${sudo_}apt-get install -y ${apt_pkgs[*]}"
-    log "(or re-run as root with --install-deps, or as root with CI=true)"
-    exit 2
+    report_missing_and_exit
   fi
 fi
 
