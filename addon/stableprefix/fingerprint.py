@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+import threading
+from collections import OrderedDict
 from dataclasses import asdict
 from dataclasses import dataclass
 from typing import Any
@@ -145,3 +148,203 @@ def fingerprint(parts: Parts) -> Fingerprint:
         sizes,
     )
 
+
+# --- per-block detail, for naming where two requests diverge and why -----------------------------------
+#
+# The record keeps only the hashes above. `detail` adds what the stream tracker compares between two
+# requests of one conversation: a hash and size per system text, per tool and per message content block,
+# plus "masked" hashes of the same texts with one known volatile item replaced by a placeholder. When two
+# blocks differ but their masked hashes for a cause agree, that volatile item is what changed.
+
+BLOCK_HEX = 16
+CLEARED_TOOL_RESULT = "[Old tool result content cleared]"
+
+#: Known volatile items, most specific first: the first whose masked hashes agree names the cause.
+VOLATILE: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("billing", re.compile(r"\A[ \t]*x-anthropic-billing-header:[^\r\n]*(?:\r?\n)*")),
+    ("date", re.compile(r"(?<=Today's date is )\d{4}-\d{2}-\d{2}|(?<=Today's date: )\d{4}-\d{2}-\d{2}")),
+    (
+        "git_status",
+        re.compile(r"gitStatus: This is the git status at the start of the conversation\.[\s\S]*\Z"),
+    ),
+    ("reminder", re.compile(r"<system-reminder>[\s\S]*?</system-reminder>")),
+)
+MASK = "\x00"  # what a volatile item is replaced with before hashing (never in real prompt text)
+
+
+def short_sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:BLOCK_HEX]
+
+
+def volatile_masks(text: str) -> dict[str, str]:
+    """Per known volatile item found in `text`: the hash of `text` with that item masked."""
+    out: dict[str, str] = {}
+    for cause, pattern in VOLATILE:
+        masked, n = pattern.subn(MASK, text)
+        if n:
+            out[cause] = short_sha(masked.encode("utf-8", "surrogatepass"))
+    return out
+
+
+def mask_all(text: str) -> str:
+    """`text` with every known volatile item masked (keys that survive a date rollover or a new cch)."""
+    for _, pattern in VOLATILE:
+        text = pattern.sub(MASK, text)
+    return text
+
+
+@dataclass(frozen=True, slots=True)
+class Block:
+    """One system text, or one content block of a message (canonical form)."""
+
+    kind: str  # the block's "type" ("text", "tool_use", "tool_result", "thinking", ...); "text" for system
+    hash: str
+    chars: int  # canonical JSON size (system: text length)
+    masks: tuple[tuple[str, str], ...] = ()  # (cause, hash with that volatile item masked)
+    cleared: bool = False  # a tool result whose content is Claude Code's micro-compact placeholder
+
+    def mask(self, cause: str) -> str | None:
+        for c, h in self.masks:
+            if c == cause:
+                return h
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    role: str
+    hash: str  # of the canonical message (role, content and any other keys)
+    blocks: tuple[Block, ...]  # empty when content is neither a string nor a list
+    chars: int
+    key: str  # hash of role + every text with volatile items masked: the same conversation's first message
+
+
+@dataclass(frozen=True, slots=True)
+class Detail:
+    """Per-block hashes of one request (see `detail`)."""
+
+    system: tuple[Block, ...]
+    tools: tuple[tuple[str, str, int], ...]  # (name, hash, canonical chars) in order
+    messages: tuple[Message, ...]
+    system_key: str  # hash of the system texts with volatile items masked
+    markers_hash: str  # hash of the cache_control markers in system position and tools
+
+
+def _block_texts(block: Any) -> list[str]:
+    """The prompt texts a content block carries (text, thinking, tool_result content)."""
+    if not isinstance(block, dict):
+        return []
+    out = []
+    for k in ("text", "thinking"):
+        if isinstance(block.get(k), str):
+            out.append(block[k])
+    content = block.get("content")
+    if isinstance(content, str):
+        out.append(content)
+    elif isinstance(content, list):
+        for b in content:
+            out.extend(_block_texts(b))
+    return out
+
+
+def _block(value: Any) -> Block:
+    data = canonical_dump(value)
+    kind = str(value.get("type", "")) if isinstance(value, dict) else ""
+    masks: dict[str, str] = {}
+    texts = _block_texts(value)
+    if any(p.search(t) for t in texts for _, p in VOLATILE):
+        masked = _mask_value(value)
+        for cause, _ in VOLATILE:
+            m = masked.get(cause)
+            if m is not None:
+                masks[cause] = m
+    cleared = False
+    if kind == "tool_result":
+        content = value.get("content")
+        cleared = _block_texts({"content": content}) == [CLEARED_TOOL_RESULT]
+        rest = {k: v for k, v in value.items() if k != "content"}
+        masks["tool_result_cleared"] = short_sha(canonical_bytes(rest))
+    return Block(kind, short_sha(data), len(data), tuple(masks.items()), cleared)
+
+
+def _mask_value(value: Any) -> dict[str, str]:
+    """Per cause found anywhere in `value`'s texts: the hash of `value` with that item masked."""
+    out: dict[str, str] = {}
+    for cause, pattern in VOLATILE:
+        found = False
+
+        def sub(v: Any, pattern: re.Pattern[str] = pattern) -> Any:
+            nonlocal found
+            if isinstance(v, str):
+                new, n = pattern.subn(MASK, v)
+                found = found or n > 0
+                return new
+            if isinstance(v, dict):
+                return {k: sub(x) if k in ("text", "thinking", "content") else x for k, x in v.items()}
+            if isinstance(v, list):
+                return [sub(x) for x in v]
+            return v
+
+        masked = sub(value)
+        if found:
+            out[cause] = short_sha(canonical_bytes(masked))
+    return out
+
+
+_MESSAGE_CACHE: OrderedDict[str, Message] = OrderedDict()
+_MESSAGE_CACHE_CAP = 8192  # messages recur every turn: their detail is computed once (LRU)
+_CACHE_LOCK = threading.Lock()
+
+
+def message_detail(message: Any) -> Message:
+    """Role, hash, per-block detail and conversation key of one message."""
+    data = canonical_dump(message)
+    h = short_sha(data)
+    with _CACHE_LOCK:
+        hit = _MESSAGE_CACHE.get(h)
+        if hit is not None:
+            _MESSAGE_CACHE.move_to_end(h)
+            return hit
+    canon = canonical(message)
+    role = str(canon.get("role", canon.get("type", ""))) if isinstance(canon, dict) else ""
+    content = canon.get("content") if isinstance(canon, dict) else None
+    blocks = tuple(_block(b) for b in content) if isinstance(content, list) else ()
+    texts = [mask_all(t) for b in (content if isinstance(content, list) else []) for t in _block_texts(b)]
+    key = short_sha(canonical_bytes([role, texts]))
+    out = Message(role, h, blocks, len(data), key)
+    with _CACHE_LOCK:
+        _MESSAGE_CACHE[h] = out
+        if len(_MESSAGE_CACHE) > _MESSAGE_CACHE_CAP:
+            _MESSAGE_CACHE.popitem(last=False)
+    return out
+
+
+def _markers(value: Any, path: str, out: list[Any]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if k == "cache_control":
+                out.append([path, v])
+            else:
+                _markers(v, f"{path}.{k}", out)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _markers(v, f"{path}[{i}]", out)
+
+
+def detail(parts: Parts, body: Any = None) -> Detail:
+    """Per-block hashes of a request's parts; `body` (the normalised body) adds system cache markers."""
+    system = tuple(
+        Block("text", short_sha(t.encode("utf-8", "surrogatepass")), len(t), tuple(volatile_masks(t).items()))
+        for t in parts.system
+    )
+    tool_data = [canonical_dump(t) for t in parts.tools]
+    tools = tuple(
+        (name, short_sha(data), len(data)) for name, data in zip(parts.tool_names, tool_data, strict=True)
+    )
+    messages = tuple(message_detail(m) for m in parts.messages)
+    system_key = short_sha(canonical_bytes([mask_all(t) for t in parts.system]))
+    markers: list[Any] = []
+    if isinstance(body, dict) and isinstance(body.get("system"), list):
+        _markers(body["system"], "system", markers)
+    _markers(parts.tools, "tools", markers)
+    return Detail(system, tools, messages, system_key, short_sha(canonical_bytes(markers)))

@@ -1,0 +1,296 @@
+"""The pure core both the mitmproxy addon and the offline report drive: one object, no mitmproxy import.
+
+    a = Analyzer(settings)
+    result = a.request(method, host, path, raw, headers)   # pipeline.process + stream tracking
+    if result is not None and result.forward is not None: send result.forward instead of raw
+    ... the server answers ...
+    record = a.response(result.record, status, headers, body)     # body: JSON, or the SSE text
+    # or, streamed:  p = a.sse_parser(result.record, headers, status); p.feed(chunk)...; record = p.finish()
+    # or, no answer: record = a.error(result.record, "connection refused")
+    for line in a.pop_notices(): warn(line)
+    a.summary()  # one dict per stream
+
+`request` returns the `pipeline.Result` whose ``record`` also carries the stream fields (stream, class,
+verdict, common_prefix_messages, diverged_at, tools_changed, cause, reusable_chars, reusable_tokens_est,
+interleaved_side); `response`/`error` add status, cached_tokens, prompt_tokens, evidence and miss. The
+record is then complete and is written once. ``count_tokens`` requests get class ``count_tokens`` and a
+null verdict (they are never compared and never a baseline).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from difflib import SequenceMatcher
+from typing import Any
+
+from stableprefix import evidence
+from stableprefix import fingerprint
+from stableprefix import pipeline
+from stableprefix import shapes
+from stableprefix import streams
+from stableprefix.fingerprint import canonical_bytes
+from stableprefix.rules import StickyMemory
+
+#: A server-side miss: the prefix was stable, yet the server reused less than expected by more than
+#: `MISS_SHARE` of the expected tokens and more than `MISS_TOKENS` (Claude Code's own cache-break rule:
+#: >5 % and >2,000 tokens), where `MISS_TOKENS` shrinks to `MISS_SMALL_SHARE` of small prompts.
+MISS_SHARE = 0.05
+MISS_TOKENS = 2000
+MISS_SMALL_SHARE = 0.25
+CHANGES_CAP = 50  # entries of the before/after change list kept for the content view
+
+INTERLEAVE_NOTICE = (
+    "stableprefix: side requests (session titles, command checks and other short queries) ran between "
+    "turns of a conversation, and the server then reused only {cached:,} of ~{expected:,} expected prompt "
+    "tokens: a single-slot server evicts the conversation's cache for each side request. Remedies: give "
+    "llama-server more slots (--parallel 2 or more, with enough context per slot), keep evicted prompts "
+    "in host RAM (--cache-ram), or route side requests (the small/fast model) to another server."
+)
+
+
+def expected_cached(record: Mapping[str, Any]) -> int:
+    """Prompt tokens the server should have reused: the reusable share of the prompt, in server tokens
+    when the server reported its prompt size, else the chars/4 estimate."""
+    reusable = int(record.get("reusable_chars") or 0)
+    total = int(record.get("system_chars") or 0) + int(record.get("tools_chars") or 0)
+    total += sum(record.get("message_chars") or ())
+    prompt = record.get("prompt_tokens")
+    if isinstance(prompt, int) and prompt > 0 and total > 0:
+        return round(prompt * min(reusable, total) / total)
+    return reusable // 4
+
+
+def classify_miss(record: Mapping[str, Any]) -> str | None:
+    """null (a hit, a first request, or not a generation), client, server or unknown."""
+    cls = record.get("class")
+    status = record.get("status")
+    if cls in (None, "count_tokens") or not isinstance(status, int) or not 200 <= status < 300:
+        return None
+    verdict = record.get("verdict")
+    if verdict == "changed":
+        return "client"
+    if verdict != "append-only":
+        return None
+    cached = record.get("cached_tokens")
+    if cached is None:
+        return "unknown"
+    expected = expected_cached(record)
+    shortfall = expected - cached
+    threshold = max(expected * MISS_SHARE, min(MISS_TOKENS, expected * MISS_SMALL_SHARE))
+    return "server" if shortfall > threshold else None
+
+
+def _max_tokens(body: Mapping[str, Any]) -> Any:
+    for k in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
+        if k in body:
+            return body[k]
+    opts = body.get("options")
+    return opts.get("num_predict") if isinstance(opts, dict) else None
+
+
+class Analyzer:
+    """Normalises requests, tracks their streams and classifies what the server did."""
+
+    def __init__(
+        self,
+        settings: pipeline.Settings | None = None,
+        *,
+        log_context: bool = False,
+        stream_cap: int = streams.STREAM_CAP,
+    ) -> None:
+        self.settings = settings if settings is not None else pipeline.Settings()
+        self.sticky = StickyMemory()
+        self.tracker = streams.Tracker(stream_cap)
+        self.log_context = log_context
+        self._lock = threading.Lock()
+        self._notices: list[str] = []
+        self._warned_interleave = False
+
+    # --- request ---------------------------------------------------------------------------------------
+
+    def request(
+        self, method: str, host: str, path: str, raw: bytes, headers: Mapping[str, str] | None = None
+    ) -> pipeline.Result | None:
+        """`pipeline.process`, then the stream fields added to the record (not for bodies left alone)."""
+        result = pipeline.process(method, host, path, raw, self.settings, headers or {}, self.sticky)
+        if result is None or result.warning or result.body is None or result.fingerprint is None:
+            return result
+        api = shapes.Api(result.record["api"])
+        parts = shapes.parts(api, result.body)
+        detail = fingerprint.detail(parts, result.body)
+        fields = self.tracker.observe(
+            result.record, detail, parts, _max_tokens(result.body), context=self.log_context
+        )
+        result.record.update(fields)
+        return result
+
+    # --- response ---------------------------------------------------------------------------------------
+
+    def response(
+        self, record: dict[str, Any], status: int, headers: Mapping[str, str] | None, body: bytes | None
+    ) -> dict[str, Any]:
+        """Add the server's evidence (from a JSON body or the SSE text) and the miss class to `record`."""
+        record["status"] = status
+        return self._complete(record, evidence.from_body(body))
+
+    def sse_parser(
+        self, record: dict[str, Any], headers: Mapping[str, str] | None = None, status: int = 200
+    ) -> SSEFeed:
+        """A parser to feed a copy of a streamed response's chunks; `finish()` completes `record`."""
+        return SSEFeed(self, record, headers or {}, status)
+
+    def error(self, record: dict[str, Any], message: str) -> dict[str, Any]:
+        """Complete the record of a request that never got a response."""
+        record["status"] = None
+        record.setdefault("error", f"no response: {message}"[:200])
+        record.update(cached_tokens=None, prompt_tokens=None, evidence=None, miss=None)
+        return record
+
+    def _complete(self, record: dict[str, Any], ev: evidence.Evidence | None) -> dict[str, Any]:
+        record.update(
+            ev.as_record()
+            if ev is not None
+            else {"cached_tokens": None, "prompt_tokens": None, "evidence": None}
+        )
+        record["miss"] = classify_miss(record)
+        self.tracker.outcome(record)
+        if record["miss"] == "server" and record.get("interleaved_side"):
+            with self._lock:
+                if not self._warned_interleave:
+                    self._warned_interleave = True
+                    self._notices.append(
+                        INTERLEAVE_NOTICE.format(
+                            cached=record["cached_tokens"], expected=expected_cached(record)
+                        )
+                    )
+        return record
+
+    def pop_notices(self) -> list[str]:
+        """Warnings to show once (e.g. side requests evicting the conversation on a one-slot server)."""
+        with self._lock:
+            out, self._notices = self._notices, []
+        return out
+
+    # --- streams ---------------------------------------------------------------------------------------
+
+    def summary(self) -> list[dict[str, Any]]:
+        """Per stream (side and count_tokens requests: per session): requests, verdicts, misses, tokens."""
+        return self.tracker.summary()
+
+    def reset(self) -> None:
+        """Forget streams and statistics (not the sticky values the rules pinned: forwarded bytes stay)."""
+        self.tracker.reset()
+        with self._lock:
+            self._warned_interleave = False
+            self._notices = []
+
+
+class SSEFeed:
+    """Parses a copy of a streamed response; never raises into the stream."""
+
+    def __init__(
+        self, analyzer: Analyzer, record: dict[str, Any], headers: Mapping[str, str], status: int
+    ) -> None:
+        self.analyzer = analyzer
+        self.record = record
+        self.status = status
+        enc = next((v for k, v in headers.items() if k.lower() == "content-encoding"), "")
+        self.parser = evidence.SSEParser(enc)
+        self.done = False
+
+    def feed(self, chunk: bytes) -> None:
+        try:
+            self.parser.feed(chunk)
+        except Exception:  # a parser bug must never break the client's stream
+            self.parser.undecodable = True
+
+    def finish(self) -> dict[str, Any]:
+        if self.done:
+            return self.record
+        self.done = True
+        self.record["status"] = self.status
+        try:
+            ev = self.parser.finish()
+        except Exception:
+            ev = None
+        return self.analyzer._complete(self.record, ev)
+
+
+# --- the before-state the content view shows -----------------------------------------------------------
+
+
+def before_state(result: pipeline.Result) -> dict[str, Any]:
+    """What the client sent, compactly: its system/tools/prefix hashes and where the forwarded body differs.
+
+    Kept in flow.metadata instead of the original body (which can be megabytes): a list of changed JSON
+    paths with sizes and the first differing character, never text.
+    """
+    out: dict[str, Any] = {"rules": dict(result.record.get("removed") or {})}
+    if result.original_body is None or result.body is None or result.original_body is result.body:
+        out["changes"] = []
+        return out
+    api = shapes.Api(result.record["api"])
+    fp = fingerprint.fingerprint(shapes.parts(api, result.original_body))
+    out.update(system_hash=fp.system_hash, tools_hash=fp.tools_hash, prefix_hash=fp.prefix_hash)
+    changes: list[dict[str, Any]] = []
+    diff_json(result.original_body, result.body, "", changes)
+    out["changes"] = changes[:CHANGES_CAP]
+    if len(changes) > CHANGES_CAP:
+        out["changes_omitted"] = len(changes) - CHANGES_CAP
+    return out
+
+
+def _size(value: Any) -> int:
+    return len(value) if isinstance(value, str) else len(canonical_bytes(value))
+
+
+def _join(path: str, key: str | int) -> str:
+    return f"{path}[{key}]" if isinstance(key, int) else (f"{path}.{key}" if path else key)
+
+
+def diff_json(old: Any, new: Any, path: str, out: list[dict[str, Any]], limit: int = CHANGES_CAP + 1) -> None:
+    """Append {path, op, sizes} for every place `new` differs from `old` (lists aligned by content)."""
+    if len(out) >= limit or old == new:
+        return
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in old:
+            if k not in new:
+                out.append({"path": _join(path, k), "op": "removed", "chars": _size(old[k])})
+            else:
+                diff_json(old[k], new[k], _join(path, k), out, limit)
+        for k in new:
+            if k not in old:
+                out.append({"path": _join(path, k), "op": "added", "chars": _size(new[k])})
+        return
+    if isinstance(old, list) and isinstance(new, list):
+        if len(old) == len(new):
+            for i, (a, b) in enumerate(zip(old, new, strict=True)):
+                diff_json(a, b, _join(path, i), out, limit)
+            return
+        keys_a = [canonical_bytes(x) for x in old]
+        keys_b = [canonical_bytes(x) for x in new]
+        for op, i1, i2, j1, j2 in SequenceMatcher(None, keys_a, keys_b, autojunk=False).get_opcodes():
+            if op == "equal":
+                continue
+            if op == "replace" and i2 - i1 == j2 - j1:
+                for d in range(i2 - i1):
+                    diff_json(old[i1 + d], new[j1 + d], _join(path, j1 + d), out, limit)
+                continue
+            for i in range(i1, i2):
+                out.append({"path": _join(path, i), "op": "removed", "chars": _size(old[i])})
+            for j in range(j1, j2):
+                out.append({"path": _join(path, j), "op": "added", "chars": _size(new[j])})
+        return
+    if isinstance(old, str) and isinstance(new, str):
+        out.append(
+            {
+                "path": path,
+                "op": "changed",
+                "from_chars": len(old),
+                "to_chars": len(new),
+                "at": streams.common_prefix_len(old, new),
+            }
+        )
+        return
+    out.append({"path": path, "op": "changed"})

@@ -1,0 +1,599 @@
+"""Conversations ("streams"), request classes and where a request diverged from the previous one.
+
+A request belongs to a stream: the requests of one conversation thread, in order. Streams are grouped by the
+client's session id (``X-Claude-Code-Session-Id`` or ``metadata.user_id``; without one, all requests share
+one pool) and, inside a session, by content:
+
+- ``count_tokens`` requests are recorded but never compared and never become a baseline;
+- ``side`` requests (title generation, command-prefix checks and other short side queries: at most two
+  tools and a small system prompt or a small ``max_tokens``) get streams of their own, apart from the
+  main thread and the subagents;
+- every other request joins the stream whose last request shares the longest prefix with it (its chain),
+  or failing that the same first message, or the same first message once volatile items (date, reminders)
+  are masked; otherwise it starts a new stream. The first such stream of a session is ``main``; a later
+  new stream is ``main`` too when its system prompt (volatile items masked) is the main one's, else
+  ``subagent``.
+
+Against the previous request of its stream a request is ``first``, ``append-only`` (the whole previous
+prompt is a prefix of this one, in canonical form) or ``changed``, with the first differing location:
+``system[i]@offset``, ``tools``, ``params`` or ``messages[k]`` / ``messages[k].content[j]``, and a cause when
+a known volatile item explains it.
+
+State is bounded: at most `STREAM_CAP` streams (least recently used dropped first), `TEXT_CAP` system texts
+kept to name character offsets, and `STATS_CAP` summary rows. One lock guards it all, so concurrent
+flows (and a report reading many files) can share a `Tracker`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from dataclasses import field
+from typing import Any
+
+from stableprefix.fingerprint import Block
+from stableprefix.fingerprint import Detail
+from stableprefix.fingerprint import Message
+from stableprefix.shapes import Parts
+
+STREAM_CAP = 256  # streams remembered (each keeps one request's hashes; a long conversation ~100 KB)
+TEXT_CAP = 512  # distinct system texts kept to name the character offset of a system change
+STATS_CAP = 4096  # summary rows
+SIDE_MAX_TOOLS = 2
+SIDE_MAX_SYSTEM_CHARS = 4000
+SIDE_MAX_TOKENS = 1024
+CONTEXT_CHARS = 40  # each side of the divergence, in the opt-in masked snippet
+THINKING = frozenset({"thinking", "redacted_thinking"})
+CAUSES = (
+    "billing",
+    "date",
+    "git_status",
+    "reminder",
+    "thinking_dropped",
+    "tool_result_cleared",
+    "cache_markers_only",
+    "tools",
+    "params",
+    "unknown",
+)
+TEXT_CAUSES = ("billing", "date", "git_status", "reminder")  # explained by a masked hash, in this order
+
+
+def request_class(api: str, tool_count: int, system_chars: int, max_tokens: Any) -> str | None:
+    """``count_tokens``, ``side``, or None for a conversation turn (main or subagent: the tracker decides)."""
+    if api == "anthropic-count-tokens":
+        return "count_tokens"
+    small_out = (
+        isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens <= SIDE_MAX_TOKENS
+    )
+    if tool_count <= SIDE_MAX_TOOLS and (system_chars < SIDE_MAX_SYSTEM_CHARS or small_out):
+        return "side"
+    return None
+
+
+def common_prefix_len(a: str, b: str) -> int:
+    """Length of the common prefix of two strings (binary search on slices: C speed on long texts)."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def mask_snippet(text: str) -> str:
+    """A snippet's shape without its words: letters become a/A, digits 0; spaces and punctuation stay."""
+    out = []
+    for c in text:
+        if c.isdigit():
+            out.append("0")
+        elif c.isalpha():
+            out.append("A" if c.isupper() else "a")
+        else:
+            out.append(c)
+    return "".join(out)
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What a request leaves behind for the next request of its stream to be compared with."""
+
+    system_hash: str
+    tools_hash: str
+    params_hash: str
+    chain: tuple[str, ...]
+    detail: Detail
+    system_chars: int
+    tools_chars: int
+    message_chars: tuple[int, ...]
+    side_seq: int  # side requests seen on this host before this request
+
+    @classmethod
+    def of(cls, record: dict[str, Any], detail: Detail, side_seq: int = 0) -> Snapshot:
+        return cls(
+            record["system_hash"],
+            record["tools_hash"],
+            record["params_hash"],
+            tuple(record["chain"]),
+            detail,
+            int(record.get("system_chars", 0)),
+            int(record.get("tools_chars", 0)),
+            tuple(record.get("message_chars", ())),
+            side_seq,
+        )
+
+    @property
+    def head_equal_key(self) -> tuple[str, str, str]:
+        return (self.system_hash, self.tools_hash, self.params_hash)
+
+    @property
+    def first(self) -> Message | None:
+        return self.detail.messages[0] if self.detail.messages else None
+
+    def total_chars(self) -> int:
+        return self.system_chars + self.tools_chars + sum(self.message_chars)
+
+
+@dataclass
+class Divergence:
+    verdict: str  # first | append-only | changed
+    common_prefix_messages: int = 0
+    diverged_at: str | None = None
+    cause: str | None = None
+    tools_changed: dict[str, list[str]] | None = None
+    reusable_chars: int = 0
+    context: dict[str, str] | None = None
+
+
+class TextStore:
+    """System texts by hash (bounded LRU), shared by all streams: the same prompt is stored once."""
+
+    def __init__(self, cap: int = TEXT_CAP) -> None:
+        self.cap = cap
+        self._texts: OrderedDict[str, str] = OrderedDict()
+
+    def put(self, h: str, text: str) -> None:
+        if h in self._texts:
+            self._texts.move_to_end(h)
+            return
+        self._texts[h] = text
+        while len(self._texts) > self.cap:
+            self._texts.popitem(last=False)
+
+    def get(self, h: str) -> str | None:
+        return self._texts.get(h)
+
+    def clear(self) -> None:
+        self._texts.clear()
+
+    def __len__(self) -> int:
+        return len(self._texts)
+
+
+def _mask_cause(old: Block, new: Block) -> str | None:
+    for cause in TEXT_CAUSES:
+        a, b = old.mask(cause), new.mask(cause)
+        if a is not None and a == b:
+            return cause
+    return None
+
+
+def tools_diff(old: Detail, new: Detail) -> dict[str, list[str]]:
+    """Tool names added, removed, and changed (definition changed, or moved in the order)."""
+    old_by = {name: (i, h) for i, (name, h, _) in reversed(list(enumerate(old.tools)))}
+    new_by = {name: (i, h) for i, (name, h, _) in reversed(list(enumerate(new.tools)))}
+    added = [n for n in new_by if n not in old_by]
+    removed = [n for n in old_by if n not in new_by]
+    changed = [n for n in new_by if n in old_by and old_by[n][1] != new_by[n][1]]
+    if not (added or removed or changed):  # same definitions, other order
+        old_order = [n for n, _, _ in old.tools]
+        new_order = [n for n, _, _ in new.tools]
+        changed = [n for i, n in enumerate(new_order) if i >= len(old_order) or old_order[i] != n]
+    return {"added": added, "removed": removed, "changed": changed}
+
+
+def diverge(
+    old: Snapshot | None,
+    new: Snapshot,
+    texts: TextStore | None = None,
+    new_system_texts: list[str] | None = None,
+    new_parts: Parts | None = None,
+    context: bool = False,
+) -> Divergence:
+    """Compare a request with the previous request of its stream (None: the stream's first request)."""
+    if old is None:
+        return Divergence("first")
+    out = Divergence("changed")
+    if old.tools_hash != new.tools_hash:
+        out.tools_changed = tools_diff(old.detail, new.detail)
+    if old.system_hash != new.system_hash:
+        _system_divergence(old, new, texts, new_system_texts, context, out)
+    elif old.tools_hash != new.tools_hash:
+        out.diverged_at, out.cause = "tools", "tools"
+        i = 0
+        while (
+            i < min(len(old.detail.tools), len(new.detail.tools))
+            and old.detail.tools[i] == new.detail.tools[i]
+        ):
+            i += 1
+        out.reusable_chars = new.system_chars + sum(c for _, _, c in new.detail.tools[:i])
+    elif old.params_hash != new.params_hash:
+        out.diverged_at, out.cause = "params", "params"  # model/thinking: assume nothing is reusable
+    else:
+        _message_divergence(old, new, new_parts, context, out)
+    return out
+
+
+def _system_divergence(
+    old: Snapshot,
+    new: Snapshot,
+    texts: TextStore | None,
+    new_texts: list[str] | None,
+    context: bool,
+    out: Divergence,
+) -> None:
+    a, b = old.detail.system, new.detail.system
+    i = 0
+    while i < min(len(a), len(b)) and a[i].hash == b[i].hash:
+        i += 1
+    offset = 0
+    old_text = texts.get(a[i].hash) if texts is not None and i < len(a) else None
+    new_text = new_texts[i] if new_texts is not None and i < len(new_texts) else None
+    if i < len(a) and i < len(b):
+        if old_text is not None and new_text is not None:
+            offset = common_prefix_len(old_text, new_text)
+        out.cause = _mask_cause(a[i], b[i]) or "unknown"
+    else:
+        out.cause = "unknown"  # a system text was added or removed
+    out.diverged_at = f"system[{i}]@{offset}"
+    out.reusable_chars = sum(x.chars for x in b[:i]) + offset
+    if context and (old_text is not None or new_text is not None):
+        out.context = {}
+        if old_text is not None:
+            out.context["old"] = _snippet(old_text, offset)
+        if new_text is not None:
+            out.context["new"] = _snippet(new_text, offset)
+
+
+def _snippet(text: str, at: int) -> str:
+    left = text[max(0, at - CONTEXT_CHARS) : at]
+    right = text[at : at + CONTEXT_CHARS]
+    return mask_snippet(left) + "|" + mask_snippet(right)
+
+
+def _message_divergence(
+    old: Snapshot, new: Snapshot, new_parts: Parts | None, context: bool, out: Divergence
+) -> None:
+    k = 0
+    while k < min(len(old.chain), len(new.chain)) and old.chain[k] == new.chain[k]:
+        k += 1
+    out.common_prefix_messages = k
+    head = new.system_chars + new.tools_chars
+    out.reusable_chars = head + sum(new.message_chars[:k])
+    if k == len(old.chain):
+        out.verdict = "append-only"
+        if old.detail.markers_hash != new.detail.markers_hash:
+            out.cause = "cache_markers_only"
+        return
+    if k >= len(new.chain) or k >= len(new.detail.messages) or k >= len(old.detail.messages):
+        out.diverged_at, out.cause = f"messages[{k}]", "unknown"  # history shortened
+        return
+    om, nm = old.detail.messages[k], new.detail.messages[k]
+    if om.role != nm.role or not (om.blocks and nm.blocks):
+        out.diverged_at, out.cause = f"messages[{k}]", "unknown"
+        return
+    j = 0
+    while j < min(len(om.blocks), len(nm.blocks)) and om.blocks[j].hash == nm.blocks[j].hash:
+        j += 1
+    out.diverged_at = f"messages[{k}].content[{j}]"
+    out.reusable_chars += sum(b.chars for b in nm.blocks[:j])
+    kept = [b.hash for b in om.blocks if b.kind not in THINKING]
+    if len(kept) < len(om.blocks) and kept == [b.hash for b in nm.blocks]:
+        out.cause = "thinking_dropped"
+    elif j < len(om.blocks) and j < len(nm.blocks):
+        ob, nb = om.blocks[j], nm.blocks[j]
+        if (
+            nb.cleared
+            and not ob.cleared
+            and ob.mask("tool_result_cleared") == nb.mask("tool_result_cleared") is not None
+        ):
+            out.cause = "tool_result_cleared"
+        else:
+            out.cause = _mask_cause(ob, nb) or "unknown"
+    else:
+        out.cause = "unknown"
+    if context and new_parts is not None and k < len(new_parts.messages):
+        content = new_parts.messages[k].get("content") if isinstance(new_parts.messages[k], dict) else None
+        if isinstance(content, str):
+            content = [{"type": "text", "text": content}]
+        if isinstance(content, list) and j < len(content) and isinstance(content[j], dict):
+            text = content[j].get("text") or content[j].get("thinking") or content[j].get("content")
+            if isinstance(text, str):
+                out.context = {"new": _snippet(text, 0)}
+
+
+@dataclass
+class Stream:
+    id: str
+    session: str
+    cls: str
+    last: Snapshot
+    requests: int = 1
+
+
+@dataclass
+class Stats:
+    """One summary row: a main/subagent stream, or all side (count_tokens) requests of a session."""
+
+    key: str
+    cls: str
+    session: str
+    streams: set[str] = field(default_factory=set)
+    requests: int = 0
+    first: int = 0
+    append_only: int = 0
+    changed: int = 0
+    causes: dict[str, int] = field(default_factory=dict)  # client-side changes by cause
+    server_misses: int = 0
+    unknown: int = 0  # the server reported no cache figures
+    cached_tokens: int = 0
+    prompt_tokens: int = 0
+    interleaved_side: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        judged = self.append_only + self.changed
+        return {
+            "stream": self.key,
+            "class": self.cls,
+            "session": self.session or None,
+            "streams": len(self.streams),
+            "requests": self.requests,
+            "first": self.first,
+            "append_only": self.append_only,
+            "changed": self.changed,
+            "append_only_share": round(self.append_only / judged, 3) if judged else None,
+            "misses_by_cause": dict(sorted(self.causes.items())),
+            "server_misses": self.server_misses,
+            "unknown": self.unknown,
+            "cached_tokens": self.cached_tokens,
+            "prompt_tokens": self.prompt_tokens,
+            "interleaved_side": self.interleaved_side,
+        }
+
+
+def _sid(*parts: str) -> str:
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:8]
+
+
+class Tracker:
+    """Streams, their last request, and per-stream statistics; bounded and thread-safe."""
+
+    def __init__(self, cap: int = STREAM_CAP, text_cap: int = TEXT_CAP, stats_cap: int = STATS_CAP) -> None:
+        self.cap = cap
+        self.stats_cap = stats_cap
+        self._lock = threading.Lock()
+        self._streams: OrderedDict[str, Stream] = OrderedDict()
+        self._by_session: dict[str, list[str]] = {}
+        self._main_keys: OrderedDict[str, set[str]] = OrderedDict()  # session -> main system keys
+        self._side_seq: dict[str, int] = {}  # host -> side requests seen
+        self._stats: OrderedDict[str, Stats] = OrderedDict()
+        self.texts = TextStore(text_cap)
+
+    # --- request side -----------------------------------------------------------------------------------
+
+    def observe(
+        self,
+        record: dict[str, Any],
+        detail: Detail,
+        parts: Parts,
+        max_tokens: Any = None,
+        context: bool = False,
+    ) -> dict[str, Any]:
+        """Assign the request to a stream, compare it with the stream's previous request, remember it.
+
+        Returns the record fields: stream, class, verdict, common_prefix_messages, diverged_at,
+        tools_changed (only when the tools differ), cause, reusable_chars, reusable_tokens_est,
+        interleaved_side (and context when asked).
+        """
+        session = str(record.get("session") or "")
+        host = str(record.get("host") or "")
+        cls = request_class(
+            str(record.get("api")), len(detail.tools), int(record.get("system_chars", 0)), max_tokens
+        )
+        with self._lock:
+            if cls == "count_tokens":
+                stream_id = _sid(session, "count_tokens")
+                self._count(f"count_tokens:{session}", "count_tokens", session, stream_id, None, False)
+                return {
+                    "stream": stream_id,
+                    "class": cls,
+                    "verdict": None,
+                    "common_prefix_messages": 0,
+                    "diverged_at": None,
+                    "cause": None,
+                    "reusable_chars": 0,
+                    "reusable_tokens_est": 0,
+                    "interleaved_side": False,
+                }
+            if cls == "side":
+                self._side_seq[host] = self._side_seq.get(host, 0) + 1
+            seq = self._side_seq.get(host, 0)
+            new = Snapshot.of(record, detail, seq)
+            family = "side" if cls == "side" else "thread"
+            stream = self._match(session, family, new)
+            if stream is None:
+                if cls is None:
+                    cls = self._thread_class(session, detail.system_key)
+                stream = self._new_stream(session, cls, new)
+                prev = None
+            else:
+                prev = stream.last
+                cls = stream.cls
+                if cls == "main":
+                    self._remember_main(session, detail.system_key)
+            div = diverge(prev, new, self.texts, parts.system, parts, context)
+            for b, t in zip(detail.system, parts.system, strict=True):
+                self.texts.put(b.hash, t)
+            stream.last = new
+            stream.requests += 0 if prev is None else 1
+            self._streams.move_to_end(stream.id)
+            interleaved = cls in ("main", "subagent") and prev is not None and seq > prev.side_seq
+            key = stream.id if cls in ("main", "subagent") else f"side:{session}"
+            self._count(key, cls, session, stream.id, div.verdict, interleaved)
+        fields: dict[str, Any] = {
+            "stream": stream.id,
+            "class": cls,
+            "verdict": div.verdict,
+            "common_prefix_messages": div.common_prefix_messages,
+            "diverged_at": div.diverged_at,
+        }
+        if div.tools_changed is not None:
+            fields["tools_changed"] = div.tools_changed
+        fields.update(
+            cause=div.cause,
+            reusable_chars=div.reusable_chars,
+            reusable_tokens_est=div.reusable_chars // 4,
+            interleaved_side=interleaved,
+        )
+        if div.context is not None:
+            fields["context"] = div.context
+        return fields
+
+    def _match(self, session: str, family: str, new: Snapshot) -> Stream | None:
+        best: Stream | None = None
+        best_score = (0, 0)
+        nf = new.first
+        for sid in self._by_session.get(session, []):
+            s = self._streams[sid]
+            if ("side" if s.cls == "side" else "thread") != family:
+                continue
+            old = s.last
+            k = 0
+            while k < min(len(old.chain), len(new.chain)) and old.chain[k] == new.chain[k]:
+                k += 1
+            of = old.first
+            if k > 0 or (not old.chain and not new.chain and old.head_equal_key == new.head_equal_key):
+                score = (3, k)
+            elif of is not None and nf is not None and of.hash == nf.hash:
+                score = (2, 0)
+            elif of is not None and nf is not None and of.key == nf.key:
+                score = (1, 0)
+            else:
+                continue
+            if score > best_score or (
+                score == best_score and best is not None and self._more_recent(s, best)
+            ):
+                best, best_score = s, score
+        return best
+
+    def _more_recent(self, a: Stream, b: Stream) -> bool:
+        order = list(self._streams)
+        return order.index(a.id) > order.index(b.id)
+
+    def _thread_class(self, session: str, system_key: str) -> str:
+        keys = self._main_keys.get(session)
+        if keys is None or system_key in keys:
+            self._remember_main(session, system_key)
+            return "main"
+        return "subagent"
+
+    def _remember_main(self, session: str, system_key: str) -> None:
+        keys = self._main_keys.setdefault(session, set())
+        keys.add(system_key)
+        self._main_keys.move_to_end(session)
+        while len(self._main_keys) > self.cap * 4:
+            self._main_keys.popitem(last=False)
+
+    def _new_stream(self, session: str, cls: str, snap: Snapshot) -> Stream:
+        first = snap.first.hash if snap.first else ""
+        sid = _sid(session, cls, first, snap.system_hash)
+        n = 0
+        while sid in self._streams:
+            n += 1
+            sid = _sid(session, cls, first, snap.system_hash, str(n))
+        stream = Stream(sid, session, cls, snap, 1)
+        self._streams[sid] = stream
+        self._by_session.setdefault(session, []).append(sid)
+        while len(self._streams) > self.cap:
+            old_id, old = self._streams.popitem(last=False)
+            ids = self._by_session.get(old.session, [])
+            if old_id in ids:
+                ids.remove(old_id)
+            if not ids:
+                self._by_session.pop(old.session, None)
+        return stream
+
+    # --- statistics -------------------------------------------------------------------------------------
+
+    def _stats_row(self, key: str, cls: str, session: str) -> Stats:
+        row = self._stats.get(key)
+        if row is None:
+            row = self._stats[key] = Stats(key, cls, session)
+            while len(self._stats) > self.stats_cap:
+                self._stats.popitem(last=False)
+        self._stats.move_to_end(key)
+        return row
+
+    def _count(
+        self, key: str, cls: str, session: str, stream_id: str, verdict: str | None, interleaved: bool
+    ) -> None:
+        row = self._stats_row(key, cls, session)
+        row.streams.add(stream_id)
+        row.requests += 1
+        if verdict == "first":
+            row.first += 1
+        elif verdict == "append-only":
+            row.append_only += 1
+        elif verdict == "changed":
+            row.changed += 1
+        row.interleaved_side += int(interleaved)
+
+    def outcome(self, record: dict[str, Any]) -> None:
+        """Add a completed request's server figures and miss class to its summary row."""
+        cls = record.get("class")
+        if cls is None:
+            return
+        session = record.get("session") or ""
+        key = record["stream"] if cls in ("main", "subagent") else f"{cls}:{session}"
+        with self._lock:
+            row = self._stats_row(key, cls, session)
+            miss = record.get("miss")
+            if miss == "client":
+                cause = record.get("cause") or "unknown"
+                row.causes[cause] = row.causes.get(cause, 0) + 1
+            elif miss == "server":
+                row.server_misses += 1
+            elif miss == "unknown":
+                row.unknown += 1
+            row.cached_tokens += int(record.get("cached_tokens") or 0)
+            row.prompt_tokens += int(record.get("prompt_tokens") or 0)
+
+    def summary(self) -> list[dict[str, Any]]:
+        order = {"main": 0, "subagent": 1, "side": 2, "count_tokens": 3}
+        with self._lock:
+            rows = [r.as_dict() for r in self._stats.values()]
+        return sorted(rows, key=lambda r: (r["session"] or "", order.get(r["class"], 9)))
+
+    def reset(self) -> None:
+        with self._lock:
+            self._streams.clear()
+            self._by_session.clear()
+            self._main_keys.clear()
+            self._side_seq.clear()
+            self._stats.clear()
+            self.texts.clear()
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    def streams(self) -> Iterable[Stream]:
+        with self._lock:
+            return list(self._streams.values())
