@@ -351,20 +351,27 @@ class Supervisor:
         return code
 
 
-def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
+class UsageError(Exception):
+    """A bad argument value: one line, exit status 2."""
+
+
+def plan(args: argparse.Namespace, extra: list[str]) -> tuple[list[str], Any]:
+    """The mitmproxy command line and the function printing the settings for the port it listens on.
+
+    For --proxy, mitmproxy's CA is created in the confdir first if missing. Raises UsageError.
+    """
     if args.upstream:
         u = urlsplit(args.upstream)
         if u.scheme not in ("http", "https") or not u.hostname:
-            err(f"--upstream: {args.upstream!r} is not an http:// or https:// URL with a host")
-            return 2
+            raise UsageError(f"--upstream: {args.upstream!r} is not an http:// or https:// URL with a host")
     confdir, passed = confdir_from(extra, args.confdir)
     ca: Path | None = None
     if args.proxy:
         try:
             ca = ensure_ca(confdir)
         except (OSError, ValueError) as e:
-            err(f"cannot create or read mitmproxy's CA in {confdir}: {getattr(e, 'strerror', None) or e}")
-            return 2
+            why = getattr(e, "strerror", None) or e
+            raise UsageError(f"cannot create or read mitmproxy's CA in {confdir}: {why}") from None
     opts: list[str] = []
     if args.log:
         opts += ["--set", f"stableprefix_log={Path(args.log).expanduser()}"]
@@ -378,14 +385,22 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
             extra=[*opts, *extra],
         )
     except FileNotFoundError as e:
-        err(str(e))
-        return 2
+        raise UsageError(str(e)) from None
     host = client_host(args.listen_host)
 
     def instructions(port: int) -> list[str]:
         url = f"http://{host}:{port}"
         return proxy_instructions(url, ca) if ca is not None else reverse_instructions(url, args.upstream)
 
+    return cmd, instructions
+
+
+def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
+    try:
+        cmd, instructions = plan(args, extra)
+    except UsageError as e:
+        err(str(e))
+        return 2
     err(f"running {shlex.join(cmd)}")
     return Supervisor(cmd, instructions).run()
 
@@ -418,6 +433,8 @@ def cmd_report(args: argparse.Namespace) -> int:
                 mains = sum(1 for t in rep.turns() if t.cls == "main")
                 print(f"ok: {mains} main-thread request{'s' if mains != 1 else ''}, none lost its prefix "
                       "to a client-side change")  # fmt: skip
+                if not mains:
+                    err("no main-thread requests in the input: nothing was checked")
             code = 1 if lines else 0
         else:
             sys.stdout.write(report.render_text(rep))

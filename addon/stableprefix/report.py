@@ -600,7 +600,8 @@ def turn_row(t: Turn) -> list[str]:
     prompt, p_est = t.prompt()
     kept = t.rec.get("common_prefix_messages")
     msgs = t.messages
-    kept_s = "-" if t.verdict == "first" or kept is None else f"{kept}/{msgs if msgs is not None else '?'}"
+    compared = t.verdict in ("append-only", "changed") and kept is not None
+    kept_s = f"{kept}/{msgs if msgs is not None else '?'}" if compared else "-"
     fired, observe = t.rules()
     rules = " ".join(f"{k}={v}" for k, v in fired.items())
     if observe and rules:
@@ -613,7 +614,7 @@ def turn_row(t: Turn) -> list[str]:
         kept_s,
         t.location(),
         t.cause or "-",
-        f"{fmt(reused, r_est)}/{fmt(prompt, p_est)}",
+        f"{fmt(reused, r_est) if t.cls != 'count_tokens' else '-'}/{fmt(prompt, p_est)}",
         fmt(loss, True) if loss is not None else "-",
         str(t.rec.get("miss") or "-"),
         rules or "-",
@@ -678,7 +679,7 @@ def render_totals(t: Totals) -> list[str]:
     )
     out.append(f"  requests: {t.requests} ({classes or 'none'})")
     out.append(
-        f"  turns after the first of their stream: {t.later_turns}: append-only {t.append_only}, changed {t.changed}"
+        f"  turns after the first of their stream: {t.later_turns} (append-only {t.append_only}, changed {t.changed})"
     )
     if t.server_requests:
         out.append(
