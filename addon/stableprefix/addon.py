@@ -1,8 +1,12 @@
 """The mitmproxy face of stableprefix: ``mitmdump -s addon/stableprefix/addon.py``.
 
 Options are parsed into `pipeline.Settings` in `configure`; the `request` hook hands the body to the pure
-pipeline and writes back only what it changed. Anything unexpected leaves the request as it was, with one
-warning. Absolute imports only: mitmproxy loads this file as a script, not as part of the package.
+`analyzer.Analyzer` (pipeline + stream tracking) and writes back only what it changed. Anything unexpected
+leaves the request as it was, with one warning. The record is completed when the response has arrived
+(SSE responses stream on unchanged while a copy of their chunks is parsed), then written to the JSONL log
+and logged as one INFO line; the flow gets a comment (the verdict), a mark for a client-side miss and the
+"stableprefix" content view. Absolute imports only: mitmproxy loads this file as a script, not as part of
+the package.
 """
 
 from __future__ import annotations
@@ -20,17 +24,26 @@ if __package__ in (None, "") or not __package__.startswith("stableprefix"):  # l
     if _root not in sys.path:
         sys.path.insert(0, _root)
 
+from mitmproxy import command  # noqa: E402
 from mitmproxy import ctx  # noqa: E402
 from mitmproxy import exceptions  # noqa: E402
 from mitmproxy import http  # noqa: E402
 
+from stableprefix import contentview  # noqa: E402,F401  (registers the "stableprefix" content view)
 from stableprefix import pipeline  # noqa: E402
 from stableprefix import rules as rulelib  # noqa: E402
+from stableprefix.analyzer import Analyzer  # noqa: E402
+from stableprefix.analyzer import SSEFeed  # noqa: E402
+from stableprefix.analyzer import before_state  # noqa: E402
+from stableprefix.record import BEFORE_KEY  # noqa: E402
+from stableprefix.record import META_KEY  # noqa: E402
 from stableprefix.record import JsonlWriter  # noqa: E402
+from stableprefix.record import comment  # noqa: E402
 from stableprefix.record import log_line  # noqa: E402
+from stableprefix.record import summary_lines  # noqa: E402
 
 logger = logging.getLogger("stableprefix")
-META_KEY = "stableprefix"
+MARK = ":warning:"  # flow.marked for a client-side miss (mitmweb shows ⚠; filter ~marked)
 RULES_POLL_SECONDS = 1.0
 
 
@@ -52,17 +65,31 @@ def build_rules(billing: str, rules_file: str | None, enable: Sequence[str], dis
 
 
 class StablePrefix:
-    """Keeps LLM prompt prefixes byte-stable and records a fingerprint per request."""
+    """Keeps LLM prompt prefixes byte-stable and proves it per request (streams, divergence, server reuse)."""
 
     name = "stableprefix"
 
     def __init__(self) -> None:
-        self.settings = pipeline.Settings()
-        self.sticky = rulelib.StickyMemory()
+        self.analyzer = Analyzer()
         self.writer: JsonlWriter | None = None
         self._rules_mtime: float | None = None
         self._rules_checked = 0.0
         self._rules_broken: str | None = None
+        self._pending: dict[str, dict[str, Any]] = {}  # flow id -> record, until the response completes
+        self._feeds: dict[str, SSEFeed] = {}  # flow id -> parser of a streamed response
+        self._internal_warned = False
+
+    @property
+    def settings(self) -> pipeline.Settings:
+        return self.analyzer.settings
+
+    @settings.setter
+    def settings(self, value: pipeline.Settings) -> None:
+        self.analyzer.settings = value
+
+    @property
+    def sticky(self) -> rulelib.StickyMemory:
+        return self.analyzer.sticky
 
     def load(self, loader: Any) -> None:
         loader.add_option(
@@ -99,6 +126,13 @@ class StablePrefix:
         )
         loader.add_option(
             "stableprefix_disable", Sequence[str], [], "Rules to switch off (repeat the option)."
+        )
+        loader.add_option(
+            "stableprefix_log_context",
+            bool,
+            False,
+            "Add to each record a snippet around the first difference from the previous request, with "
+            "every letter and digit masked (off: records hold hashes, sizes and names only).",
         )
 
     def configure(self, updated: set[str]) -> None:
@@ -139,6 +173,8 @@ class StablePrefix:
                     raise exceptions.OptionsError(
                         f"stableprefix_log: cannot open {opts.stableprefix_log!r}: {e.strerror or e}"
                     ) from None
+        if "stableprefix_log_context" in updated:
+            self.analyzer.log_context = bool(opts.stableprefix_log_context)
         if "stream_large_bodies" in updated and getattr(opts, "stream_large_bodies", None):
             logger.warning(
                 "stableprefix: stream_large_bodies is set; streamed request bodies are not normalised."
@@ -191,9 +227,46 @@ class StablePrefix:
         )
 
     def done(self) -> None:
+        for flow_id in list(self._pending):
+            record = self._pending.pop(flow_id)
+            self._feeds.pop(flow_id, None)
+            self._guard(lambda r=record: self.analyzer.error(r, "proxy shut down before the response"))
+            self._write(record)
+        for line in summary_lines(self.analyzer.summary()):
+            logger.info(line)
         if self.writer:
             self.writer.close()
             self.writer = None
+
+    # --- commands ------------------------------------------------------------------------------------------
+
+    @command.command("stableprefix.summary")
+    def summary(self) -> str:
+        """Per conversation stream: requests, append-only share, misses by cause, tokens the server reused."""
+        lines = summary_lines(self.analyzer.summary())
+        for line in lines:
+            logger.info(line)
+        return "\n".join(lines)
+
+    @command.command("stableprefix.reset")
+    def reset(self) -> None:
+        """Forget all streams and statistics (the next request of every conversation counts as first)."""
+        self.analyzer.reset()
+        logger.info("stableprefix: streams and statistics reset")
+
+    # --- hooks ---------------------------------------------------------------------------------------------
+
+    def _guard(self, fn: Any) -> Any:
+        """Run `fn`; on an internal error warn once and return None (the addon never raises into mitmproxy)."""
+        try:
+            return fn()
+        except Exception as e:  # fail open
+            if not self._internal_warned:
+                self._internal_warned = True
+                logger.warning(
+                    f"stableprefix: internal error ({type(e).__name__}: {e}); traffic passes unchanged"
+                )
+            return None
 
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
@@ -215,9 +288,7 @@ class StablePrefix:
                 f"stableprefix: left {req.path.split('?')[0]} unchanged: cannot decode body: {e}", extra=extra
             )
             return
-        result = pipeline.process(
-            req.method, req.host, req.path, raw, self.settings, req.headers, self.sticky
-        )
+        result = self._guard(lambda: self.analyzer.request(req.method, req.host, req.path, raw, req.headers))
         if result is None:
             return
         record: dict[str, Any] = {"ts": round(time.time(), 3), "id": flow.id, **result.record}
@@ -226,13 +297,75 @@ class StablePrefix:
         else:
             if result.forward is not None:
                 req.content = result.forward  # re-encodes Content-Encoding, fixes Content-Length
-            logger.info(f"stableprefix: {log_line(record)}", extra=extra)
+            before = self._guard(lambda: before_state(result))
+            if before is not None:
+                flow.metadata[BEFORE_KEY] = before
+            flow.comment = comment(record)
         flow.metadata[META_KEY] = record
+        self._pending[flow.id] = record
+        self._notices()
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        record = self._pending.get(flow.id)
+        resp = flow.response
+        if record is None or resp is None or "class" not in record:
+            return
+        if not resp.headers.get("content-type", "").lower().startswith("text/event-stream"):
+            return
+        feed = self.analyzer.sse_parser(record, resp.headers, resp.status_code)
+        self._feeds[flow.id] = feed
+        previous = resp.stream
+
+        def tee(chunk: bytes) -> Any:
+            feed.feed(chunk)  # a copy for the parser; never raises
+            return previous(chunk) if callable(previous) else chunk
+
+        resp.stream = tee  # stream on, chunk by chunk, unchanged
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        record = self._pending.pop(flow.id, None)
+        feed = self._feeds.pop(flow.id, None)
+        resp = flow.response
+        if record is None or resp is None:
+            return
+        if "class" not in record:  # a body the addon left alone: no analysis, just the outcome
+            record["status"] = resp.status_code
+        elif feed is not None:
+            self._guard(feed.finish)
+        else:
+            body = resp.get_content(strict=False)
+            self._guard(lambda: self.analyzer.response(record, resp.status_code, resp.headers, body))
+        self._finish(flow, record)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        record = self._pending.pop(flow.id, None)
+        self._feeds.pop(flow.id, None)
+        if record is None:
+            return
+        msg = flow.error.msg if flow.error else "unknown error"
+        self._guard(lambda: self.analyzer.error(record, msg))
+        self._finish(flow, record)
+
+    def _finish(self, flow: http.HTTPFlow, record: dict[str, Any]) -> None:
+        flow.metadata[META_KEY] = record
+        if "class" in record:
+            flow.comment = comment(record)
+            if record.get("miss") == "client":
+                flow.marked = MARK
+            logger.info(f"stableprefix: {log_line(record)}", extra={"client": flow.client_conn.peername})
+        self._write(record)
+        self._notices()
+
+    def _write(self, record: dict[str, Any]) -> None:
         if self.writer:
             try:
                 self.writer.write(record)
-            except OSError as e:
+            except (OSError, ValueError) as e:
                 logger.warning(f"stableprefix: cannot write {self.writer.path}: {e}")
+
+    def _notices(self) -> None:
+        for line in self.analyzer.pop_notices():
+            logger.warning(line)
 
 
 addons = [StablePrefix()]
