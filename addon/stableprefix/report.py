@@ -422,11 +422,11 @@ class Report:
                 break
             except exceptions.FlowReadException as e:
                 index += 1
-                msg = str(e) or "unreadable flow"
-                if msg == "Invalid data format." or "HAR" in msg:  # the rest of the file is lost
+                msg = str(e).rstrip(".") or "unreadable flow"
+                if msg == "Invalid data format" or "HAR" in msg:  # the rest of the file is lost
                     where = f"{name} flow {index}" if index > 1 else name
                     what = "a readable mitmproxy flow file" + (" from here on" if index > 1 else "")
-                    self.problem(where, f"not {what} ({msg.rstrip('.')})")
+                    self.problem(where, f"not {what} ({msg})")
                     break
                 # one flow in a format this mitmproxy cannot read (another version): skip it, read on
                 skipped.setdefault(msg, [index, 0])[1] += 1

@@ -1,0 +1,313 @@
+"""The offline report over hand-written JSONL fixtures (tests/fixtures/report_*.jsonl): exact figures.
+
+The fixtures' numbers are chosen so every figure can be checked by hand (4 characters per token):
+
+report_session.jsonl, stream a1b2... (main), prompt = system 4000 + tools 8000 + messages:
+  1 first        messages 400                      12,400 chars   server 0/3,100
+  2 append-only  400+200+600                       13,200         server 3,100/3,300   reusable 12,400
+  3 changed      +200+800 = 2,200                  14,200         server 770/3,550     reusable 3,080 (system[2]@1480)
+                 lost: (13,200 - 3,080) / 4 = 2,530 (git_status)
+  4 append-only  +200+600 = 3,000                  15,000         server 3,550/3,750   reusable 14,200
+  5 changed      3,480                             15,480         server 3,100/3,870   reusable 12,400
+                 lost: (15,000 - 12,400) / 4 = 650 (thinking_dropped)
+  6 append-only  4,480                             16,480         server 100/4,120     reusable 15,480
+                 server-side: 15,480 / 4 - 100 = 3,770
+stream 5ub5... (subagent): 1 first 2000+4000+800 = 6,800 (server 0/1,700); 2 changed at tools, reusable 5,000:
+  lost (6,800 - 5,000) / 4 = 450 (tools), no server figures.
+side: 400+0+200 = 600 (server 0/150); count_tokens: 0+8000+40 = 8,040 -> ~2,010.
+Server totals: cached 0+3,100+770+3,550+3,100+100+0+0 = 10,620 of 3,100+3,300+3,550+3,750+3,870+4,120+1,700+150
+= 23,540 (45.1%). Rules saved (billing rewrote 7): later rewritten turns' reusable 3,100+770+3,550+3,100+3,870
+= 14,390 on 5 turns.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from mitmproxy import io as mio
+from mitmproxy import tcp
+from mitmproxy.io import tnetstring
+from mitmproxy.test import tflow
+
+from stableprefix import cli
+from stableprefix import report
+from stableprefix.reportpage import LOST
+from stableprefix.reportpage import REUSED
+from stableprefix.reportpage import render_html
+
+FIX = Path(__file__).parent / "fixtures"
+SESSION = FIX / "report_session.jsonl"
+OBSERVE = FIX / "report_observe.jsonl"
+CLEAN = FIX / "report_clean.jsonl"
+OLD = FIX / "report_old.jsonl"
+BAD = FIX / "report_bad.jsonl"
+
+
+def lines_of(text: str) -> list[str]:
+    return text.splitlines()
+
+
+def test_session_main_stream_table_exact() -> None:
+    text = report.render_text(report.read([SESSION], progress=False))
+    lines = lines_of(text)
+    i = lines.index(
+        f"stream a1b2c3d4e5f6 · main · 6 requests · session 0b1c2d3e4f50 · host 127.0.0.1 · from {SESSION}:1"
+    )
+    assert lines[i + 1 : i + 8] == [
+        "  #  class  verdict      msgs kept  diverged at             cause             reused/prompt    lost  miss    rules",
+        "  1  main   first                -  -                       -                       0/3,100       -  -       billing=1",
+        "  2  main   append-only        1/3  -                       -                   3,100/3,300       -  -       billing=1",
+        "  3  main   changed            0/5  system[2]@1480          git_status            770/3,550  ~2,530  client  billing=1",
+        "  4  main   append-only        5/7  -                       -                   3,550/3,750       -  -       billing=1",
+        "  5  main   changed            1/9  messages[1].content[0]  thinking_dropped    3,100/3,870    ~650  client  billing=1",
+        "  6  main   append-only       9/11  -                       -                     100/4,120       -  server  billing=1",
+    ]
+
+
+def test_session_subagent_and_side_tables() -> None:
+    lines = lines_of(report.render_text(report.read([SESSION], progress=False)))
+    assert (
+        "  2  subagent  changed        0/3  tools (added mcp__x)  tools  ~1,250/~2,000  ~450  unknown  -"
+        in lines
+    )
+    assert "side requests and token counts: 2 requests in 2 streams" in lines
+    assert (
+        "  51de51de51de  1  side          first            -  -            -              0/150     -  -     -"
+        in lines
+    )
+    assert (
+        "  c0c0c0c0c0c0  1  count_tokens  -                -  -            -           -/~2,010     -  -     -"
+        in lines
+    )
+
+
+def test_session_totals_exact() -> None:
+    text = report.render_text(report.read([SESSION], progress=False))
+    totals = text[text.index("totals\n") :].splitlines()
+    assert totals[:10] == [
+        "totals",
+        "  requests: 10 (main 6, subagent 2, side 1, count_tokens 1)",
+        "  turns after the first of their stream: 6 (append-only 3, changed 3)",
+        "  server reported: reused 10,620 of 23,540 prompt tokens (45.1%) on 8 requests",
+        "  reprocessed because the client changed the prefix: ~3,630 tokens on 3 turns",
+        "    cause             turns  tokens  what to do",
+        "    git_status            1  ~2,530  " + report.REMEDY["git_status"],
+        "    thinking_dropped      1    ~650  " + report.REMEDY["thinking_dropped"],
+        "    tools                 1    ~450  " + report.REMEDY["tools"],
+        "  reprocessed although the prefix was kept (server-side): ~3,770 tokens on 1 turn",
+    ]
+    assert "  side requests interleaved with a stream: 1" in totals
+    assert (
+        "  rules rewrote 7 requests (billing=7); prefix they kept reusable on 5 later turns: up to ~14,390 tokens"
+        in totals
+    )
+
+
+def test_totals_object() -> None:
+    t = report.read([SESSION], progress=False).totals()
+    assert (t.requests, t.later_turns, t.append_only, t.changed) == (10, 6, 3, 3)
+    assert (t.server_requests, t.server_cached, t.server_prompt) == (8, 10_620, 23_540)
+    assert dict(t.client_tokens) == {"git_status": 2530, "thinking_dropped": 650, "tools": 450}
+    assert (t.server_turns, t.server_tokens) == (1, 3770)
+    assert (t.rewritten, t.saved, t.saved_turns) == (7, 14_390, 5)
+    assert (t.observed, t.would_save) == (0, 0)
+
+
+def test_observe_mode_would_save() -> None:
+    # (12,400 - 52) / 4 = 3,087 and (13,200 - 52) / 4 = 3,287: both billing, which the billing rule removes
+    text = report.render_text(report.read([OBSERVE], progress=False))
+    assert (
+        "  2  main   changed        0/3  system[0]@52  billing     ~13/~3,300  ~3,087  -     would: billing=1"
+        in text
+    )
+    assert (
+        "  observe mode: rules would rewrite 3 requests (billing=3) and save ~6,374 tokens on 2 turns" in text
+    )
+    assert "  reprocessed because the client changed the prefix: ~6,374 tokens on 2 turns" in text
+
+
+def test_check_lines_exact() -> None:
+    assert report.check_lines(report.read([SESSION], progress=False)) == [
+        f"{SESSION}:4: main turn 3 of stream a1b2c3d4e5f6 lost its prefix at system[2]@1480 (cause git_status), "
+        "~2,530 tokens reprocessed",
+        f"{SESSION}:9: main turn 5 of stream a1b2c3d4e5f6 lost its prefix at messages[1].content[0] "
+        "(cause thinking_dropped), ~650 tokens reprocessed",
+    ]
+
+
+def test_check_ignores_cache_markers_and_subagents() -> None:
+    # clean: append-only and a cache-markers-only change on main; a date change on a subagent only
+    rep = report.read([CLEAN], progress=False)
+    assert report.check_lines(rep) == []
+    assert dict(rep.totals().client_tokens) == {"date": 1700}  # (2000 + 4000 + 800) / 4, nothing reusable
+
+
+@pytest.mark.parametrize(("path", "code"), [(SESSION, 1), (OBSERVE, 1), (CLEAN, 0)])
+def test_cli_check_exit_status(path: Path, code: int, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["report", "--check", str(path)]) == code
+    out = capsys.readouterr().out.splitlines()
+    if code:
+        assert len(out) == 2 and all("lost its prefix" in line for line in out)
+    else:
+        assert out == ["ok: 3 main-thread requests, none lost its prefix to a client-side change"]
+
+
+def test_cli_report_prints_the_report(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["report", str(SESSION)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("stableprefix report: 1 file, 10 requests in 4 streams\n")
+    assert captured.err == ""
+
+
+def test_old_log_without_stream_fields() -> None:
+    rep = report.read([OLD], progress=False)
+    text = report.render_text(rep)
+    assert rep.problems == []
+    assert (
+        "this log has no verdicts (written before stableprefix tracked streams): sizes and rules only" in text
+    )
+    assert "stream (no id in the log) · ? · 1 request · session 5e55 · host 127.0.0.1" in text
+    assert report.check_lines(rep) == []
+
+
+def test_bad_lines_are_named_and_the_rest_is_reported(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["report", str(BAD)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [
+        f"stableprefix: {BAD}:2: line is not JSON (Expecting ',' delimiter: line 1 column 46 (char 45))",
+        f"stableprefix: {BAD}:5: line is JSON but not an object (list)",
+    ]
+    assert "stableprefix report: 1 file, 3 requests in 1 stream" in captured.out
+    assert "~3,287" in captured.out  # line 6, after both bad lines, still analysed
+
+
+def test_many_bad_lines_are_summarised(tmp_path: Path) -> None:
+    f = tmp_path / "log.jsonl"
+    f.write_text("{nope\n" * 8)
+    rep = report.read([f], progress=False)
+    assert [str(p) for p in rep.problems][-1] == f"{f}: 3 more lines skipped (not JSON objects)"
+    assert len(rep.problems) == report.MAX_PROBLEMS_PER_FILE + 1
+
+
+def test_missing_file_and_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "nope.jsonl"
+    assert cli.main(["report", str(missing), str(CLEAN)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"stableprefix: {missing}: cannot read: No such file or directory"]
+    assert cli.main(["report", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"stableprefix: {tmp_path}: cannot read: Is a directory"]
+
+
+def test_unknown_content(tmp_path: Path) -> None:
+    f = tmp_path / "x.bin"
+    f.write_bytes(b"\x89PNG\r\n\x1a\n0000")
+    rep = report.read([f], progress=False)
+    assert [str(p) for p in rep.problems] == [
+        f"{f}: not a stableprefix JSONL log, a mitmproxy flow file or a HAR file "
+        "(it starts with b'\\x89PNG\\r\\n\\x1a\\n0000')"
+    ]
+
+
+def test_empty_file_is_no_error(tmp_path: Path) -> None:
+    f = tmp_path / "empty.jsonl"
+    f.write_bytes(b"")
+    rep = report.read([f], progress=False)
+    assert rep.problems == [] and rep.totals().requests == 0
+
+
+def test_detection_by_content_not_extension(tmp_path: Path) -> None:
+    f = tmp_path / "session.mitm"  # a JSONL log under a flow-file name
+    f.write_bytes(SESSION.read_bytes())
+    assert report.read([f], progress=False).totals().requests == 10
+
+
+def test_garbage_flow_file(tmp_path: Path) -> None:
+    f = tmp_path / "flows"
+    f.write_bytes(b"12345:this is not a tnetstring at all")
+    rep = report.read([f], progress=False)
+    assert [str(p) for p in rep.problems] == [
+        f"{f}: not a readable mitmproxy flow file (Invalid data format)"
+    ]
+
+
+def _tcp_flow_state() -> dict:
+    return tflow.ttcpflow().get_state()
+
+
+def test_flow_file_truncated_after_a_good_flow(tmp_path: Path) -> None:
+    f = tmp_path / "flows"
+    with f.open("wb") as fo:
+        mio.FlowWriter(fo).add(tflow.ttcpflow())  # a TCP flow: read, not an LLM request
+        fo.write(b"99999:{truncated")
+    rep = report.read([f], progress=False)
+    assert [str(p) for p in rep.problems] == [
+        f"{f} flow 2: not a readable mitmproxy flow file from here on (Invalid data format)"
+    ]
+
+
+def test_flow_file_from_another_mitmproxy_version(tmp_path: Path) -> None:
+    f = tmp_path / "flows"
+    state = _tcp_flow_state()
+    state["version"] = 99
+    with f.open("wb") as fo:
+        for _ in range(3):
+            tnetstring.dump(state, fo)
+        mio.FlowWriter(fo).add(tcp.TCPFlow(tflow.tclient_conn(), tflow.tserver_conn()))  # readable, read on
+    rep = report.read([f], progress=False)
+    from mitmproxy import version
+
+    assert [str(p) for p in rep.problems] == [
+        f"{f} flow 1: skipped: {version.MITMPROXY} cannot read files with flow format version 99, please update "
+        "mitmproxy (and 2 more flows like it)"
+    ]
+
+
+def test_records_completed_by_a_later_line(tmp_path: Path) -> None:
+    first, *_ = (json.loads(x) for x in SESSION.read_text().splitlines())
+    evidence = {"id": first["id"], "cached_tokens": 42, "prompt_tokens": 3100}
+    partial = {k: v for k, v in first.items() if k not in ("cached_tokens", "prompt_tokens")}
+    f = tmp_path / "log.jsonl"
+    f.write_text(json.dumps(partial) + "\n" + json.dumps(evidence) + "\n")
+    rep = report.read([f], progress=False)
+    (turn,) = rep.turns()
+    assert turn.reused() == (42, False)
+
+
+def test_progress_on_request(capsys: pytest.CaptureFixture[str]) -> None:
+    report.read([SESSION], progress=True)
+    err = capsys.readouterr().err
+    assert f"reading {SESSION}:" in err and err.endswith("\r\033[K")
+
+
+def test_html_is_self_contained_with_a_chart_per_thread() -> None:
+    page = render_html([("", report.read([SESSION], progress=False))])
+    assert page.count("<svg") == 2  # main and subagent; side requests get a table only
+    lowered = page.lower()
+    for needle in ("<script", "<link", " src=", "href=", "url(", "@import"):
+        assert needle not in lowered
+    # bars: git_status and thinking_dropped (main), tools (subagent); one legend swatch per chart
+    assert len(re.findall(rf'<rect [^>]*height="[0-9.]+" fill="{LOST}"', page)) == 3 + 2
+    assert f'fill="{REUSED}"' in page
+    assert "~2,530" in page and "45.1%" in page
+
+
+def test_html_escapes_what_it_shows(tmp_path: Path) -> None:
+    rec = json.loads(SESSION.read_text().splitlines()[0])
+    rec["host"] = "<script>alert(1)</script>"
+    rec["diverged_at"] = "<b>"
+    f = tmp_path / "log.jsonl"
+    f.write_text(json.dumps(rec) + "\n")
+    page = render_html([("", report.read([f], progress=False))])
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+
+
+def test_cli_html_written(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "r.html"
+    assert cli.main(["report", str(SESSION), "--html", str(out)]) == 0
+    assert out.read_text().startswith("<!DOCTYPE html>")
+    assert capsys.readouterr().err == f"stableprefix: wrote {out}\n"
+    assert cli.main(["report", str(SESSION), "--html", str(tmp_path / "no" / "dir.html")]) == 2
+    assert "cannot write" in capsys.readouterr().err
