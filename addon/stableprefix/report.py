@@ -17,7 +17,8 @@ server reported):
 - *lost to a client-side change* (a turn whose verdict is ``changed``, cause other than
   ``cache_markers_only``): the characters of the previous request of the stream minus the characters this
   request still shares with it, / 4. It counts only what the client changed, whatever the server did.
-- *lost server-side* (``miss: server``: prefix kept, server reused less): ``reusable_tokens_est`` minus
+- *lost server-side* (``miss: server``: prefix kept, server reused less): the tokens the server should have
+  reused (`stableprefix.analyzer.expected_cached`: the reusable share of its reported prompt) minus
   ``cached_tokens``.
 - *rules saved* (rules active, ``removed``): the estimated reusable prefix of every later turn of a stream whose
   request the rules rewrote. An upper bound: it assumes the removed part would otherwise have changed between
@@ -189,10 +190,12 @@ class Turn:
     def server_lost_tokens(self) -> int | None:
         if self.rec.get("miss") != "server":
             return None
-        expected, cached = self.reusable_chars, self.server_cached
-        if expected is None or cached is None:
+        cached = self.server_cached
+        if cached is None or self.reusable_chars is None:
             return None
-        return max(0, tokens(expected) - cached)
+        from stableprefix.analyzer import expected_cached  # pure: the figure the miss was classified by
+
+        return max(0, expected_cached(self.rec) - cached)
 
     def rules(self) -> tuple[dict[str, int], bool]:
         """(rule -> count, observe?) of what the rules changed or would have changed."""

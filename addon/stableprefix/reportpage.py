@@ -1,7 +1,8 @@
 """The report as one self-contained HTML page: inline CSS, one inline SVG chart per stream, no scripts, no
-network. Each chart shows, per turn, the prompt tokens the server reused (green) and those it processed
-again (amber; red where the client changed the prefix), from the server's figures where it reported them
-and estimates (paler bars) where it did not.
+network. Each chart shows, per turn, the prompt tokens the server reused (green), those of the previous
+request it had to process again because the client changed the prefix (red), and the rest it processed
+(amber: new messages, a first request, a server-side miss); from the server's figures where it reported
+them, estimates (paler bars) where it did not.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from stableprefix.report import turn_row
 REUSED = "#2e7d32"
 REPROCESSED = "#f9a825"
 LOST = "#c62828"
+SERVER_LABEL = "#8d6e00"
 ESTIMATE_OPACITY = "0.45"
 
 CSS = """
@@ -117,6 +119,7 @@ def chart(stream: Stream, width: int = 1100, height: int = 260) -> str:
         tip = (
             f"turn {t.n} ({t.cls}, {t.verdict}{', cause ' + (t.cause or '') if lost else ''}): "
             f"reused {fmt(r, est)} of {fmt(p, est)} tokens"
+            + (f", ~{t.lost_tokens():,} lost to the change" if lost and t.lost_tokens() is not None else "")
         )
         out.append(f"<g><title>{e(tip)}</title>")
         if r:
@@ -124,22 +127,25 @@ def chart(stream: Stream, width: int = 1100, height: int = 260) -> str:
                 f'<rect x="{x:.1f}" y="{y(r):.1f}" width="{bw:.1f}" height="{y(0) - y(r):.1f}" '
                 f'fill="{REUSED}"{opacity}/>'
             )
-        if p - r > 0:
-            color = LOST if lost else REPROCESSED
-            out.append(
-                f'<rect x="{x:.1f}" y="{y(p):.1f}" width="{bw:.1f}" height="{y(r) - y(p):.1f}" '
-                f'fill="{color}"{opacity}/>'
-            )
+        # processed again = lost to a client change (red, the previous prompt's tokens) + the rest (amber)
+        gone = min(t.lost_tokens() or 0, p - r) if lost else 0
+        for lo, hi, color in ((r, r + gone, LOST), (r + gone, p, REPROCESSED)):
+            if hi > lo:
+                out.append(
+                    f'<rect x="{x:.1f}" y="{y(hi):.1f}" width="{bw:.1f}" height="{y(lo) - y(hi):.1f}" '
+                    f'fill="{color}"{opacity}/>'
+                )
         out.append("</g>")
         cx = x + bw / 2
         if i % label_every == 0 or i == n - 1:
             out.append(
                 f'<text x="{cx:.1f}" y="{top + ph + 15}" font-size="11" text-anchor="middle" fill="#333">{t.n}</text>'
             )
-        if lost and n <= 40:
+        label = t.cause if lost else ("server miss" if t.rec.get("miss") == "server" else None)
+        if label and n <= 40:
             out.append(
                 f'<text x="{cx:.1f}" y="{y(p) - 5:.1f}" font-size="10" text-anchor="middle" '
-                f'fill="{LOST}">{e(t.cause)}</text>'
+                f'fill="{LOST if lost else SERVER_LABEL}">{e(label)}</text>'
             )
     out.append(f'<line x1="{left}" x2="{width - right}" y1="{y(0):.1f}" y2="{y(0):.1f}" stroke="#999"/>')
     out.append(
