@@ -170,6 +170,14 @@ VOLATILE: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("reminder", re.compile(r"<system-reminder>[\s\S]*?</system-reminder>")),
 )
 MASK = "\x00"  # what a volatile item is replaced with before hashing (never in real prompt text)
+#: A literal every match of each pattern contains: a fast `in` test skips the regex (the date pattern
+#: starts with a lookbehind, so `re` scans it position by position: ~45 ms per MB of text).
+GUARDS = {
+    "billing": "x-anthropic-billing-header:",
+    "date": "Today's date",
+    "git_status": "gitStatus: This is the git status",
+    "reminder": "<system-reminder>",
+}
 
 
 def short_sha(data: bytes) -> str:
@@ -180,6 +188,8 @@ def volatile_masks(text: str) -> dict[str, str]:
     """Per known volatile item found in `text`: the hash of `text` with that item masked."""
     out: dict[str, str] = {}
     for cause, pattern in VOLATILE:
+        if GUARDS[cause] not in text:
+            continue
         masked, n = pattern.subn(MASK, text)
         if n:
             out[cause] = short_sha(masked.encode("utf-8", "surrogatepass"))
@@ -188,8 +198,9 @@ def volatile_masks(text: str) -> dict[str, str]:
 
 def mask_all(text: str) -> str:
     """`text` with every known volatile item masked (keys that survive a date rollover or a new cch)."""
-    for _, pattern in VOLATILE:
-        text = pattern.sub(MASK, text)
+    for cause, pattern in VOLATILE:
+        if GUARDS[cause] in text:
+            text = pattern.sub(MASK, text)
     return text
 
 
@@ -252,7 +263,7 @@ def _block(value: Any) -> Block:
     kind = str(value.get("type", "")) if isinstance(value, dict) else ""
     masks: dict[str, str] = {}
     texts = _block_texts(value)
-    if any(p.search(t) for t in texts for _, p in VOLATILE):
+    if any(GUARDS[c] in t and p.search(t) for t in texts for c, p in VOLATILE):
         masked = _mask_value(value)
         for cause, _ in VOLATILE:
             m = masked.get(cause)
@@ -263,14 +274,18 @@ def _block(value: Any) -> Block:
         content = value.get("content")
         cleared = _block_texts({"content": content}) == [CLEARED_TOOL_RESULT]
         rest = {k: v for k, v in value.items() if k != "content"}
-        masks["tool_result_cleared"] = short_sha(canonical_bytes(rest))
+        masks["tool_result_cleared"] = short_sha(canonical_dump(rest))
     return Block(kind, short_sha(data), len(data), tuple(masks.items()), cleared)
 
 
 def _mask_value(value: Any) -> dict[str, str]:
     """Per cause found anywhere in `value`'s texts: the hash of `value` with that item masked."""
     out: dict[str, str] = {}
+    # the guards hold no character JSON escapes: absent from the JSON text, absent from every string
+    blob = canonical_dump(value)
     for cause, pattern in VOLATILE:
+        if GUARDS[cause].encode() not in blob:
+            continue
         found = False
 
         def sub(v: Any, pattern: re.Pattern[str] = pattern) -> Any:
@@ -287,7 +302,7 @@ def _mask_value(value: Any) -> dict[str, str]:
 
         masked = sub(value)
         if found:
-            out[cause] = short_sha(canonical_bytes(masked))
+            out[cause] = short_sha(canonical_dump(masked))
     return out
 
 
@@ -310,7 +325,7 @@ def message_detail(message: Any) -> Message:
     content = canon.get("content") if isinstance(canon, dict) else None
     blocks = tuple(_block(b) for b in content) if isinstance(content, list) else ()
     texts = [mask_all(t) for b in (content if isinstance(content, list) else []) for t in _block_texts(b)]
-    key = short_sha(canonical_bytes([role, texts]))
+    key = short_sha(canonical_dump([role, texts]))
     out = Message(role, h, blocks, len(data), key)
     with _CACHE_LOCK:
         _MESSAGE_CACHE[h] = out
@@ -342,7 +357,7 @@ def detail(parts: Parts, body: Any = None) -> Detail:
         (name, short_sha(data), len(data)) for name, data in zip(parts.tool_names, tool_data, strict=True)
     )
     messages = tuple(message_detail(m) for m in parts.messages)
-    system_key = short_sha(canonical_bytes([mask_all(t) for t in parts.system]))
+    system_key = short_sha(canonical_dump([mask_all(t) for t in parts.system]))
     markers: list[Any] = []
     if isinstance(body, dict) and isinstance(body.get("system"), list):
         _markers(body["system"], "system", markers)
