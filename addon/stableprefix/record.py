@@ -94,7 +94,7 @@ def log_line(record: Mapping[str, Any]) -> str:
     if "class" not in record:
         return f"{api} {_rules_part(record)} prefix {prefix}"
     parts = [f"{record['class']} {prefix} {verdict_text(record)}"]
-    if server := server_text(record):
+    if record["class"] != "count_tokens" and (server := server_text(record)):
         parts.append(server)
     miss = record.get("miss")
     if miss in MISS_WORDS:
