@@ -1,0 +1,564 @@
+"""The mitmproxy face, with mitmproxy.test helpers: options, rewriting, records at response, SSE, commands."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mitmproxy import exceptions
+from mitmproxy import http
+from mitmproxy.addons import proxyserver
+from mitmproxy.test import taddons
+from mitmproxy.test import tflow
+
+from stableprefix import addon as addon_mod
+from stableprefix import samples
+from stableprefix.addon import StablePrefix
+from stableprefix.record import BEFORE_KEY
+from stableprefix.record import META_KEY
+
+FIXTURES = Path(__file__).parent / "fixtures"
+SESSION = samples.Session()
+URL = "http://127.0.0.1:8080/v1/messages?beta=true"
+
+
+def make_flow(
+    body: bytes | dict[str, Any], url: str = URL, headers: dict[str, str] | None = None
+) -> http.HTTPFlow:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = http.Request.make("POST", url, raw, {"content-type": "application/json", **(headers or {})})
+    return tflow.tflow(req=req)
+
+
+def answer(
+    f: http.HTTPFlow, body: bytes | dict[str, Any], ctype: str = "application/json", status: int = 200
+) -> None:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    f.response = http.Response.make(status, raw, {"content-type": ctype})
+
+
+def usage(cached: int, fresh: int) -> dict[str, Any]:
+    return {"type": "message", "usage": {"input_tokens": fresh, "cache_read_input_tokens": cached}}
+
+
+def records(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage() for r in caplog.records if r.name == "stableprefix" and r.levelno == logging.WARNING
+    ]
+
+
+def infos(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "stableprefix" and r.levelno == logging.INFO]
+
+
+# --- options (issue 2) -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("stableprefix_billing", "bogus", "stableprefix_billing: 'bogus' is not one of drop, pin, off"),
+        (
+            "stableprefix_passthrough",
+            ["api.example.com/v1"],
+            "stableprefix_passthrough: 'api.example.com/v1'",
+        ),
+        ("stableprefix_passthrough", [""], "stableprefix_passthrough: ''"),
+        ("stableprefix_passthrough", [" host"], "stableprefix_passthrough: ' host'"),
+        ("stableprefix_passthrough", ["user@host"], "stableprefix_passthrough: 'user@host'"),
+        ("stableprefix_passthrough", ["host:443"], "stableprefix_passthrough: 'host:443'"),
+        ("stableprefix_enable", ["nosuchrule"], "stableprefix_enable: unknown rule 'nosuchrule'"),
+        ("stableprefix_disable", ["billingx"], "stableprefix_disable: unknown rule 'billingx'"),
+        ("stableprefix_rules", "/nonexistent/rules.toml", "/nonexistent/rules.toml: cannot read"),
+    ],
+)
+def test_bad_option_values_raise_naming_option_and_value(option: str, value: Any, message: str) -> None:
+    a = StablePrefix()
+    with taddons.context(a) as tctx:
+        with pytest.raises(exceptions.OptionsError) as e:
+            tctx.configure(a, **{option: value})
+        assert message in str(e.value)
+
+
+def test_invalid_rules_files(tmp_path: Path) -> None:
+    a = StablePrefix()
+    bad_toml = tmp_path / "bad.toml"
+    bad_toml.write_text("[builtins\n")
+    bad_rule = tmp_path / "rule.toml"
+    bad_rule.write_text('[[rule]]\nname = "x"\nscope = "system"\naction = "explode"\nmatch = "a"\n')
+    with taddons.context(a) as tctx:
+        with pytest.raises(exceptions.OptionsError, match="not valid TOML"):
+            tctx.configure(a, stableprefix_rules=str(bad_toml))
+        with pytest.raises(exceptions.OptionsError, match="rule 'x': unknown action 'explode'"):
+            tctx.configure(a, stableprefix_rules=str(bad_rule))
+        assert tctx.options.stableprefix_rules is None  # rolled back
+
+
+def test_unopenable_log_path(tmp_path: Path) -> None:
+    a = StablePrefix()
+    with taddons.context(a) as tctx:
+        with pytest.raises(exceptions.OptionsError, match=f"stableprefix_log: cannot open '{tmp_path}'"):
+            tctx.configure(a, stableprefix_log=str(tmp_path))  # a directory
+        blocker = tmp_path / "file"
+        blocker.write_text("x")
+        with pytest.raises(exceptions.OptionsError, match="stableprefix_log: cannot open"):
+            tctx.configure(a, stableprefix_log=str(blocker / "log.jsonl"))
+
+
+def test_running_line_names_settings(caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
+    caplog.set_level(logging.INFO)
+    a = StablePrefix()
+    with taddons.context(a) as tctx:
+        tctx.configure(
+            a, stableprefix_billing="pin", stableprefix_observe=True, stableprefix_log=str(tmp_path / "l")
+        )
+        a.running()
+    assert infos(caplog) == [
+        f"stableprefix active: billing=pin observe=True rules on: billing; passthrough: api.anthropic.com, "
+        f"*.anthropic.com; log: {tmp_path / 'l'}"
+    ]
+
+
+def test_stream_large_bodies_warns(caplog: pytest.LogCaptureFixture) -> None:
+    a = StablePrefix()
+    with taddons.context(a, proxyserver.Proxyserver()) as tctx:
+        tctx.configure(a, stream_large_bodies="1m")
+    assert any("stream_large_bodies is set" in w for w in warnings(caplog))
+
+
+# --- request rewriting (issue 2) -------------------------------------------------------------------------
+
+
+def test_billing_dropped_and_record_written_once_at_response(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    log = tmp_path / "log.jsonl"
+    a = StablePrefix()
+    with taddons.context(a) as tctx:
+        tctx.configure(a, stableprefix_log=str(log))
+        body = SESSION.request(1)
+        f = make_flow(body)
+        a.request(f)
+        sent = json.loads(f.request.content or b"")
+        assert sent["system"] == body["system"][1:]
+        assert f.request.headers["content-length"] == str(len(f.request.raw_content or b""))
+        assert records(log) == [] and infos(caplog) == []  # nothing yet: the response completes the record
+        assert f.comment == "stableprefix: main first"
+        assert f.metadata[BEFORE_KEY]["changes"][0]["path"] == "system[0]"
+        answer(f, usage(0, 8000))
+        a.responseheaders(f)
+        assert f.response is not None and f.response.stream is False  # JSON: not streamed
+        a.response(f)
+        a.response(f)  # a second call does not write twice
+    (r,) = records(log)
+    assert r == f.metadata[META_KEY]
+    assert (r["id"], r["removed"], r["class"], r["verdict"]) == (f.id, {"billing": 1}, "main", "first")
+    assert (r["status"], r["cached_tokens"], r["prompt_tokens"], r["evidence"], r["miss"]) == (
+        200,
+        0,
+        8000,
+        "anthropic-usage",
+        None,
+    )
+    assert infos(caplog) == [
+        f"stableprefix: main {r['prefix_hash'][:12]} first 1 msgs, server reused 0/8,000 "
+        "(anthropic-messages, changed billing=1)"
+    ]
+    assert "Find why" not in log.read_text()
+
+
+def test_nothing_to_change_forwards_identical_bytes() -> None:
+    a = StablePrefix()
+    with taddons.context(a) as tctx:
+        tctx.configure(a, stableprefix_billing="off")
+        raw = b'{"model":"m",  "max_tokens": 1.0e3, "system":"S \\u00e9", "messages":[{"role":"user","content":"hi"}]}'
+        f = make_flow(raw)
+        a.request(f)
+        assert f.request.raw_content == raw
+        assert f.metadata[META_KEY]["rewritten"] is False
+
+
+def test_passthrough_host_is_never_rewritten() -> None:
+    a = StablePrefix()
+    with taddons.context(a):
+        raw = json.dumps(SESSION.request(1)).encode()
+        f = make_flow(raw, url="https://api.anthropic.com/v1/messages")
+        a.request(f)
+        assert f.request.raw_content == raw
+        rec = f.metadata[META_KEY]
+        assert rec["passthrough"] is True and rec["removed"] == {} and rec["class"] == "main"
+
+
+def test_custom_passthrough_glob() -> None:
+    a = StablePrefix()
+    with taddons.context(a) as tctx:
+        tctx.configure(a, stableprefix_passthrough=["*.internal"])
+        raw = json.dumps(SESSION.request(1)).encode()
+        f = make_flow(raw, url="http://llm.internal/v1/messages")
+        a.request(f)
+        assert f.request.raw_content == raw
+        g = make_flow(raw, url="https://api.anthropic.com/v1/messages")
+        a.request(g)
+        assert g.request.raw_content != raw  # no longer a passthrough host
+
+
+def test_observe_mode_rewrites_nothing() -> None:
+    a = StablePrefix()
+    with taddons.context(a) as tctx:
+        tctx.configure(a, stableprefix_observe=True)
+        raw = json.dumps(SESSION.request(1)).encode()
+        f = make_flow(raw)
+        a.request(f)
+        assert f.request.raw_content == raw
+        rec = f.metadata[META_KEY]
+        assert rec["would_remove"] == {"billing": 1} and rec["removed"] == {} and rec["rewritten"] is False
+        assert f.metadata[BEFORE_KEY] == {"rules": {}, "changes": []}
+
+
+def test_gzip_body_reencoded_with_correct_length() -> None:
+    a = StablePrefix()
+    with taddons.context(a):
+        body = SESSION.request(1)
+        f = make_flow(b"")
+        f.request.headers["content-encoding"] = "gzip"
+        f.request.raw_content = gzip.compress(json.dumps(body).encode())
+        f.request.headers["content-length"] = str(len(f.request.raw_content))
+        a.request(f)
+        assert f.request.headers["content-encoding"] == "gzip"
+        raw = f.request.raw_content or b""
+        assert f.request.headers["content-length"] == str(len(raw))
+        assert json.loads(gzip.decompress(raw))["system"] == body["system"][1:]
+
+
+def test_non_live_answered_and_other_flows_are_skipped() -> None:
+    a = StablePrefix()
+    with taddons.context(a):
+        raw = json.dumps(SESSION.request(1)).encode()
+        f = make_flow(raw)
+        f.live = False
+        a.request(f)
+        assert f.request.raw_content == raw and META_KEY not in f.metadata
+        answer(f, usage(0, 10))
+        a.response(f)
+        assert META_KEY not in f.metadata
+        g = tflow.tflow(req=http.Request.make("GET", "http://127.0.0.1/v1/messages"))
+        a.request(g)
+        h = make_flow(raw, url="http://127.0.0.1/v1/models")
+        a.request(h)
+        assert META_KEY not in g.metadata and META_KEY not in h.metadata
+
+
+def test_malformed_body_forwarded_unchanged_with_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    log = tmp_path / "log.jsonl"
+    a = StablePrefix()
+    with taddons.context(a) as tctx:
+        tctx.configure(a, stableprefix_log=str(log))
+        raw = b'{"model": "m", "messages": [oops'
+        f = make_flow(raw)
+        a.request(f)
+        assert f.request.raw_content == raw
+        answer(f, b'{"error": "bad request"}', status=400)
+        a.response(f)
+    assert len(warnings(caplog)) == 1 and "left /v1/messages unchanged" in warnings(caplog)[0]
+    assert infos(caplog) == []
+    (r,) = records(log)
+    assert r["status"] == 400 and "error" in r and "stream" not in r
+    assert f.comment == ""
+
+
+def test_undecodable_content_encoding_one_warning(caplog: pytest.LogCaptureFixture) -> None:
+    a = StablePrefix()
+    with taddons.context(a):
+        f = make_flow(b"")
+        f.request.headers["content-encoding"] = "gzip"
+        f.request.raw_content = b"not gzip at all"
+        a.request(f)
+        assert f.request.raw_content == b"not gzip at all"
+    assert len(warnings(caplog)) == 1 and "cannot decode body" in warnings(caplog)[0]
+
+
+def test_streamed_request_body_is_skipped(caplog: pytest.LogCaptureFixture) -> None:
+    a = StablePrefix()
+    with taddons.context(a):
+        f = make_flow(SESSION.request(1))
+        f.request.stream = True
+        a.request(f)
+        assert META_KEY not in f.metadata
+    assert len(warnings(caplog)) == 1 and "streamed" in warnings(caplog)[0]
+
+
+def test_count_tokens(tmp_path: Path) -> None:
+    log = tmp_path / "log.jsonl"
+    a = StablePrefix()
+    with taddons.context(a) as tctx:
+        tctx.configure(a, stableprefix_log=str(log))
+        raw = (FIXTURES / "count_tokens_no_system.json").read_bytes()
+        f = make_flow(raw, url="http://127.0.0.1:8080/v1/messages/count_tokens?beta=true")
+        a.request(f)
+        assert f.request.raw_content == raw
+        answer(f, {"input_tokens": 1234})
+        a.response(f)
+    (r,) = records(log)
+    assert (r["api"], r["class"], r["verdict"], r["miss"], r["status"]) == (
+        "anthropic-count-tokens",
+        "count_tokens",
+        None,
+        None,
+        200,
+    )
+    assert f.comment == "stableprefix: count_tokens" and not f.marked
+
+
+def test_rules_file_reload_and_broken_edit(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    rules = tmp_path / "rules.toml"
+    rules.write_text("[builtins]\nbilling = false\n")
+    a = StablePrefix()
+    with taddons.context(a) as tctx:
+        tctx.configure(a, stableprefix_rules=str(rules))
+        raw = json.dumps(SESSION.request(1)).encode()
+        f = make_flow(raw)
+        a.request(f)
+        assert f.request.raw_content == raw
+        rules.write_text("[builtins]\nbilling = true\n")
+        os.utime(rules, (time.time() + 5, time.time() + 5))
+        a._rules_checked = 0.0
+        g = make_flow(raw)
+        a.request(g)
+        assert g.request.raw_content != raw
+        rules.write_text("[builtins\n")
+        os.utime(rules, (time.time() + 10, time.time() + 10))
+        for _ in range(2):
+            a._rules_checked = 0.0
+            a._rules_mtime = None
+            h = make_flow(raw)
+            a.request(h)
+            assert h.request.raw_content != raw  # previous rules kept
+    assert len([w for w in warnings(caplog) if "keeping the previous rules" in w]) == 1
+    assert any("reloaded" in i for i in infos(caplog))
+
+
+# --- issue 4: verdicts, evidence, SSE, marks, commands ------------------------------------------------------
+
+
+def test_turns_get_verdicts_marks_and_comments(tmp_path: Path) -> None:
+    log = tmp_path / "log.jsonl"
+    a = StablePrefix()
+    with taddons.context(a) as tctx:
+        tctx.configure(a, stableprefix_log=str(log))
+        flows = []
+        for k, body in enumerate([SESSION.request(1), SESSION.request(2), SESSION.request(3)]):
+            if k == 2:
+                body["messages"][0]["content"][0]["text"] = body["messages"][0]["content"][0]["text"].replace(
+                    "2026-11-29", "2026-11-30"
+                )
+            f = make_flow(body)
+            a.request(f)
+            answer(f, usage(7900, 100) if k == 1 else usage(0, 8000))
+            a.response(f)
+            flows.append(f)
+    r = records(log)
+    assert [x["verdict"] for x in r] == ["first", "append-only", "changed"]
+    assert (r[2]["diverged_at"], r[2]["cause"], r[2]["miss"]) == ("messages[0].content[0]", "date", "client")
+    assert [f.marked for f in flows] == ["", "", ":warning:"]
+    assert flows[2].comment == "stableprefix: main changed at messages[0].content[0] (date); client-side miss"
+    assert flows[1].comment == "stableprefix: main append-only"
+    assert len({x["stream"] for x in r}) == 1
+
+
+def sse_events() -> list[bytes]:
+    data = (FIXTURES / "div_anthropic_sse.txt").read_bytes()
+    return [data[i : i + 17] for i in range(0, len(data), 17)]
+
+
+def test_sse_response_streams_unchanged_and_is_parsed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    log = tmp_path / "log.jsonl"
+    a = StablePrefix()
+    with taddons.context(a) as tctx:
+        tctx.configure(a, stableprefix_log=str(log))
+        body = SESSION.request(1)
+        body["stream"] = True
+        f = make_flow(body)
+        a.request(f)
+        answer(f, b"", ctype="text/event-stream; charset=utf-8")
+        a.responseheaders(f)
+        assert f.response is not None
+        tee = f.response.stream
+        assert callable(tee)
+        chunks = sse_events()
+        out = [tee(c) for c in chunks]
+        assert out == chunks  # every chunk passes through unchanged, at once
+        assert records(log) == []
+        assert tee(b"") == b""
+        f.response.content = None  # streamed bodies are not stored
+        a.response(f)
+    (r,) = records(log)
+    assert (r["cached_tokens"], r["prompt_tokens"], r["evidence"], r["status"]) == (
+        18204,
+        18230,
+        "anthropic-usage",
+        200,
+    )
+    assert "server reused 18,204/18,230" in infos(caplog)[0]
+
+
+def test_sse_chains_an_existing_stream_callable() -> None:
+    a = StablePrefix()
+    with taddons.context(a):
+        f = make_flow(SESSION.request(1))
+        a.request(f)
+        answer(f, b"", ctype="text/event-stream")
+        assert f.response is not None
+        f.response.stream = lambda chunk: chunk.upper()
+        a.responseheaders(f)
+        assert f.response.stream(b"data: x\n") == b"DATA: X\n"
+
+
+def test_sse_not_set_for_unhandled_flows() -> None:
+    a = StablePrefix()
+    with taddons.context(a):
+        f = tflow.tflow(req=http.Request.make("GET", "http://127.0.0.1/events"))
+        answer(f, b"", ctype="text/event-stream")
+        a.responseheaders(f)
+        assert f.response is not None and f.response.stream is False
+
+
+def test_error_hook_writes_the_record(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    log = tmp_path / "log.jsonl"
+    a = StablePrefix()
+    with taddons.context(a) as tctx:
+        tctx.configure(a, stableprefix_log=str(log))
+        f = make_flow(SESSION.request(1))
+        a.request(f)
+        f.error = tflow.terr()
+        a.error(f)
+        a.error(f)
+    (r,) = records(log)
+    assert r["status"] is None and r["error"].startswith("no response: ") and r["miss"] is None
+    assert infos(caplog)[0].endswith("first 1 msgs, no response (anthropic-messages, changed billing=1)")
+
+
+def test_interleaved_side_request_warns_once(caplog: pytest.LogCaptureFixture) -> None:
+    a = StablePrefix()
+    side = {
+        "model": "claude-haiku-4-5",
+        "max_tokens": 512,
+        "system": [{"type": "text", "text": "Generate a concise title."}],
+        "messages": [{"role": "user", "content": "hello"}],
+        "metadata": SESSION.request(1)["metadata"],
+    }
+    with taddons.context(a):
+        for k, body in enumerate([SESSION.request(1), side, SESSION.request(2), side, SESSION.request(3)]):
+            f = make_flow(body)
+            a.request(f)
+            answer(f, usage(5, 9000) if k else usage(0, 9000))
+            a.response(f)
+            assert f.marked == ""
+    notes = [w for w in warnings(caplog) if "side requests" in w]
+    assert len(notes) == 1 and "--parallel" in notes[0] and "--cache-ram" in notes[0]
+
+
+def test_commands_summary_and_reset(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    a = StablePrefix()
+    with taddons.context(a) as tctx:
+        for k in (1, 2):
+            f = make_flow(SESSION.request(k))
+            a.request(f)
+            answer(f, usage(1000 * (k - 1), 8000))
+            a.response(f)
+        text = tctx.master.commands.execute("stableprefix.summary")
+        assert text.splitlines()[0] == "stableprefix summary: 1 stream(s)"
+        assert "2 requests, append-only 1/1 (100%), server misses 1, server reused 1,000/17,000 tokens" in text
+        assert "stableprefix summary: 1 stream(s)" in infos(caplog)
+        tctx.master.commands.execute("stableprefix.reset")
+        assert (
+            tctx.master.commands.execute("stableprefix.summary") == "stableprefix summary: no requests seen"
+        )
+        f = make_flow(SESSION.request(3))
+        a.request(f)
+        assert f.metadata[META_KEY]["verdict"] == "first"
+
+
+def test_done_logs_summary_and_flushes_pending(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    log = tmp_path / "log.jsonl"
+    a = StablePrefix()
+    with taddons.context(a) as tctx:
+        tctx.configure(a, stableprefix_log=str(log))
+        f = make_flow(SESSION.request(1))
+        a.request(f)
+        a.done()
+    (r,) = records(log)
+    assert r["status"] is None and r["error"] == "no response: proxy shut down before the response"
+    assert any(i.startswith("  main ") and "1 requests" in i for i in infos(caplog))
+
+
+def test_log_context_option() -> None:
+    a = StablePrefix()
+    with taddons.context(a) as tctx:
+        tctx.configure(a, stableprefix_log_context=True)
+        a.request(make_flow(SESSION.request(2)))
+        body = SESSION.request(3)
+        body["system"][2]["text"] = body["system"][2]["text"].replace("M src/app.py", "M src/cli.py")
+        f = make_flow(body)
+        a.request(f)
+        ctx = f.metadata[META_KEY]["context"]
+        assert set(ctx) == {"old", "new"} and "cli" not in json.dumps(ctx)
+
+
+def test_internal_error_fails_open_with_one_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    a = StablePrefix()
+
+    def boom(*args: Any, **kw: Any) -> Any:
+        raise RuntimeError("bug")
+
+    with taddons.context(a):
+        monkeypatch.setattr(a.analyzer, "request", boom)
+        raw = json.dumps(SESSION.request(1)).encode()
+        for _ in range(2):
+            f = make_flow(raw)
+            a.request(f)
+            assert f.request.raw_content == raw and META_KEY not in f.metadata
+    assert warnings(caplog) == ["stableprefix: internal error (RuntimeError: bug); traffic passes unchanged"]
+
+
+def test_flow_metadata_is_serialisable() -> None:
+    from mitmproxy.io import tnetstring
+
+    a = StablePrefix()
+    with taddons.context(a):
+        f = make_flow(SESSION.request(1))
+        a.request(f)
+        answer(f, usage(0, 10))
+        a.response(f)
+        tnetstring.dumps(f.get_state())
+
+
+def test_entry_script_loads_and_registers_view() -> None:
+    from mitmproxy import contentviews
+
+    with taddons.context() as tctx:
+        mod = tctx.script(str(Path(addon_mod.__file__)))
+        assert isinstance(mod.addons[0], mod.StablePrefix)
+    assert "stableprefix" in contentviews.registry
