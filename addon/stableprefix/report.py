@@ -133,6 +133,8 @@ class Turn:
     @property
     def messages(self) -> int | None:
         r = self.rec
+        if isinstance(r.get("_messages"), int):
+            return int(r["_messages"])
         for key in ("message_chars", "chain"):
             if isinstance(r.get(key), list):
                 return len(r[key])
@@ -312,6 +314,7 @@ class Report:
     # -- building
 
     def add(self, rec: dict[str, Any], where: str, file: str = "") -> Turn | None:
+        rec = slim(rec)
         rid = rec.get("id")
         if isinstance(rid, str) and (file, rid) in self._by_id:  # a later line completing the record
             turn = self._by_id[(file, rid)]
@@ -496,6 +499,24 @@ class Report:
     def offences(self) -> list[Turn]:
         """Main-thread turns that lost their prefix for a client-side cause."""
         return [t for t in self.turns() if t.cls == "main" and t.client_loss]
+
+
+#: record fields the report never reads; dropped so memory grows by a few hundred bytes per request,
+#: not by the length of each conversation
+UNUSED_FIELDS = ("chain", "tool_names", "system_hash", "tools_hash", "params_hash", "prefix_hash", "context")
+
+
+def slim(rec: dict[str, Any]) -> dict[str, Any]:
+    """`rec` without the per-message lists: ``message_chars`` becomes its sum, its length ``_messages``."""
+    out = {k: v for k, v in rec.items() if k not in UNUSED_FIELDS}
+    for key in ("message_chars", "chain"):
+        if isinstance(rec.get(key), list):
+            out["_messages"] = len(rec[key])
+            break
+    msgs = rec.get("message_chars")
+    if isinstance(msgs, list):
+        out["message_chars"] = [sum(x for x in msgs if isinstance(x, int) and not isinstance(x, bool))]
+    return out
 
 
 def detect(head: bytes, fo: BinaryIO) -> str:

@@ -489,3 +489,67 @@ def test_help_of_every_command(args: list[str], needles: list[str]) -> None:
     assert done.returncode == 0
     for n in needles:
         assert n in done.stdout, n
+
+
+# ------------------------------------------------------------------------------------------------- big input
+
+RUSAGE_WRAPPER = """
+import resource, subprocess, sys
+code = subprocess.run(sys.argv[1:]).returncode
+print("maxrss_kb", resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, "rc", code)
+"""
+
+
+def write_big_flow_file(path: Path, flows: int, body_bytes: int) -> None:
+    """`flows` recorded Anthropic requests of about `body_bytes` each, in mitmproxy's own flow format."""
+    from mitmproxy import http
+    from mitmproxy import io as mio
+
+    session = samples.Session(result_chars=4000)
+    turn = (len(samples.body_of_size(body_bytes)["messages"]) + 1) // 2
+    answer = json.dumps({"usage": {"input_tokens": 100, "cache_read_input_tokens": 250_000}}).encode()
+    with path.open("wb") as fo:
+        writer = mio.FlowWriter(fo)
+        for i in range(flows):
+            raw = json.dumps(session.request(turn + i)).encode()
+            req = http.Request.make(
+                "POST", "http://127.0.0.1:8080/v1/messages", raw, {"content-type": "application/json"}
+            )
+            resp = http.Response.make(200, answer, http.Headers(content_type="application/json"))
+            writer.add(tflow.tflow(req=req, resp=resp))
+
+
+def test_report_streams_a_large_flow_file_with_progress_on_a_terminal(tmp_path: Path) -> None:
+    import pty
+
+    big = tmp_path / "big.flows"
+    write_big_flow_file(big, flows=150, body_bytes=1_000_000)
+    size_mb = big.stat().st_size / 1e6
+    assert size_mb > 150
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", RUSAGE_WRAPPER, SCRIPT, "report", str(big)],
+        stdout=subprocess.PIPE, stderr=slave, stdin=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    os.close(slave)
+    terminal = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: the terminal's last writer is gone
+            break
+        if not chunk:
+            break
+        terminal += chunk
+    os.close(master)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0
+    *report_lines, last = out.splitlines()
+    assert "stableprefix report: 1 file, 150 requests in 1 stream" in report_lines
+    _, rss_kb, _, rc = last.split()
+    assert rc == "0"
+    # one flow at a time: the peak stays far below the file's size (mitmproxy + Python alone take ~50 MB)
+    assert int(rss_kb) / 1000 < 120, f"peak RSS {int(rss_kb) / 1000:.0f} MB for a {size_mb:.0f} MB file"
+    shown = terminal.decode(errors="replace")
+    assert re.search(rf"reading {re.escape(str(big))}: [\d,.]+/[\d,.]+ MB \d+%, [\d,]+ flows", shown), shown
+    assert shown.endswith("\r\x1b[K")  # the progress line is cleared at the end
