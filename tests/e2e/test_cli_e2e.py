@@ -513,7 +513,10 @@ def write_big_flow_file(path: Path, flows: int, body_bytes: int) -> None:
         for i in range(flows):
             raw = json.dumps(session.request(turn + i)).encode()
             req = http.Request.make(
-                "POST", "http://127.0.0.1:8080/v1/messages", raw, {"content-type": "application/json"}
+                "POST",
+                "http://127.0.0.1:8080/v1/messages",
+                raw,
+                http.Headers(content_type="application/json"),
             )
             resp = http.Response.make(200, answer, http.Headers(content_type="application/json"))
             writer.add(tflow.tflow(req=req, resp=resp))
