@@ -179,6 +179,7 @@ def test_run_upstream_prints_settings_normalises_and_stops_on_ctrl_c(
     (child,) = cli.children()
     assert cli.stop(signal.SIGINT) == 0  # Ctrl-C: forwarded to mitmdump, which shuts down cleanly
     assert gone(child)
+    assert "stableprefix summary:" in cli.output()  # the addon's done() ran
     assert "Traceback" not in cli.output()
     (rec,) = [json.loads(x) for x in log.read_text().splitlines()]
     assert rec["removed"] == {"billing": 1} and rec["verdict"] == "first"
