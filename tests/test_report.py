@@ -311,3 +311,55 @@ def test_cli_html_written(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert capsys.readouterr().err == f"stableprefix: wrote {out}\n"
     assert cli.main(["report", str(SESSION), "--html", str(tmp_path / "no" / "dir.html")]) == 2
     assert "cannot write" in capsys.readouterr().err
+
+
+def _recorded_session(turns: int = 3) -> list:
+    """HTTP flows as plain `mitmdump -w` records them: Claude-Code-shaped requests, Anthropic usage answers."""
+    from mitmproxy import http
+
+    from stableprefix import samples
+
+    session = samples.Session()
+    flows = []
+    for turn in range(1, turns + 1):
+        raw = json.dumps(session.request(turn)).encode()
+        usage = {"usage": {"input_tokens": 1000, "cache_read_input_tokens": 25 * turn}}
+        req = http.Request.make("POST", "http://127.0.0.1:8080/v1/messages?beta=true", raw,
+                                http.Headers(content_type="application/json"))  # fmt: skip
+        resp = http.Response.make(
+            200, json.dumps(usage).encode(), http.Headers(content_type="application/json")
+        )
+        flows.append(tflow.tflow(req=req, resp=resp))
+    health = http.Request.make("GET", "http://127.0.0.1:8080/health")
+    flows.append(tflow.tflow(req=health, resp=http.Response.make(200, b"ok")))  # not an LLM request
+    return flows
+
+
+def _assert_billing_story(rep: report.Report, name: Path) -> None:
+    assert rep.problems == []
+    turns = list(rep.turns())
+    assert [(t.cls, t.verdict, t.cause) for t in turns] == [
+        ("main", "first", None), ("main", "changed", "billing"), ("main", "changed", "billing"),
+    ]  # fmt: skip
+    assert [t.where for t in turns] == [f"{name} flow 1", f"{name} flow 2", f"{name} flow 3"]
+    assert [t.reused() for t in turns] == [(25, False), (50, False), (75, False)]  # the recorded usage
+    assert all(t.rules() == ({"billing": 1}, True) for t in turns)  # observe mode: would fire
+    t = rep.totals()
+    assert t.would_save == sum(t.client_tokens.values()) > 0
+
+
+def test_flow_file_is_analysed_offline(tmp_path: Path) -> None:
+    f = tmp_path / "session.mitm"
+    with f.open("wb") as fo:
+        writer = mio.FlowWriter(fo)
+        for flow in _recorded_session():
+            writer.add(flow)
+    _assert_billing_story(report.read([f], progress=False), f)
+
+
+def test_har_file_is_analysed_offline(tmp_path: Path) -> None:
+    from mitmproxy.addons.savehar import SaveHar
+
+    f = tmp_path / "session.har"
+    f.write_text(json.dumps(SaveHar().make_har(_recorded_session()), indent=2))
+    _assert_billing_story(report.read([f], progress=False), f)

@@ -373,6 +373,7 @@ def test_report_on_a_plain_mitmdump_recording(tmp_path: Path, upstream: Upstream
     assert [(r[0], r[2]) for r in rows] == [("1", "first"), ("2", "changed"), ("3", "changed")]
     assert all("billing" in r and "would:" in r for r in rows[1:])  # cause billing; the rule would fire
     assert all(r[4].startswith("system[0]@") for r in rows[1:])
+    assert "~" not in rows[2][6]  # turn 3 was answered as SSE: its usage was read from the recorded stream
     assert "  observe mode: rules would rewrite 3 requests (billing=3)" in out
     assert "  server reported: reused " in out  # the recorded responses' usage, the SSE one included
 
