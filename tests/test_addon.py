@@ -32,7 +32,10 @@ def make_flow(
     body: bytes | dict[str, Any], url: str = URL, headers: dict[str, str] | None = None
 ) -> http.HTTPFlow:
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-    req = http.Request.make("POST", url, raw, {"content-type": "application/json", **(headers or {})})
+    hdrs = http.Headers(content_type="application/json")
+    for k, v in (headers or {}).items():
+        hdrs[k] = v
+    req = http.Request.make("POST", url, raw, hdrs)
     return tflow.tflow(req=req)
 
 
@@ -487,7 +490,9 @@ def test_commands_summary_and_reset(caplog: pytest.LogCaptureFixture) -> None:
             a.response(f)
         text = tctx.master.commands.execute("stableprefix.summary")
         assert text.splitlines()[0] == "stableprefix summary: 1 stream(s)"
-        assert "2 requests, append-only 1/1 (100%), server misses 1, server reused 1,000/17,000 tokens" in text
+        assert (
+            "2 requests, append-only 1/1 (100%), server misses 1, server reused 1,000/17,000 tokens" in text
+        )
         assert "stableprefix summary: 1 stream(s)" in infos(caplog)
         tctx.master.commands.execute("stableprefix.reset")
         assert (

@@ -20,7 +20,7 @@ SESSION = samples.Session()
 
 def flow(body: bytes | dict[str, Any], url: str = "http://127.0.0.1:8080/v1/messages") -> http.HTTPFlow:
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return tflow.tflow(req=http.Request.make("POST", url, raw, {"content-type": "application/json"}))
+    return tflow.tflow(req=http.Request.make("POST", url, raw, http.Headers(content_type="application/json")))
 
 
 def respond(f: http.HTTPFlow, cached: int, fresh: int) -> None:
@@ -38,6 +38,7 @@ def test_view_is_auto_selected_for_handled_requests_only() -> None:
         assert contentviews.prettify_message(f.request, f).view_name == "stableprefix"
         respond(f, 0, 100)
         a.response(f)
+        assert f.response is not None
         assert contentviews.prettify_message(f.response, f).view_name == "JSON"
         g = flow(b"{not json")  # left alone: no view of ours
         a.request(g)

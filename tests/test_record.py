@@ -164,10 +164,12 @@ def test_summary_lines() -> None:
 def test_jsonl_writer_appends_whole_lines_from_threads(tmp_path: Path) -> None:
     path = tmp_path / "sub" / "log.jsonl"
     w = JsonlWriter(path)
-    threads = [
-        threading.Thread(target=lambda n=n: [w.write({"n": n, "k": k, "t": "é"}) for k in range(50)])
-        for n in range(4)
-    ]
+
+    def work(n: int) -> None:
+        for k in range(50):
+            w.write({"n": n, "k": k, "t": "é"})
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
     for t in threads:
         t.start()
     for t in threads:
