@@ -459,6 +459,25 @@ def test_error_hook_writes_the_record(tmp_path: Path, caplog: pytest.LogCaptureF
     assert infos(caplog)[0].endswith("first 1 msgs, no response (anthropic-messages, changed billing=1)")
 
 
+def test_interrupted_sse_keeps_the_evidence_seen(tmp_path: Path) -> None:
+    log = tmp_path / "log.jsonl"
+    a = StablePrefix()
+    with taddons.context(a) as tctx:
+        tctx.configure(a, stableprefix_log=str(log))
+        f = make_flow(SESSION.request(1))
+        a.request(f)
+        answer(f, b"", ctype="text/event-stream")
+        a.responseheaders(f)
+        assert f.response is not None and callable(f.response.stream)
+        data = (FIXTURES / "div_anthropic_sse.txt").read_bytes()
+        f.response.stream(data[: data.index(b"event: content_block_start")])
+        f.error = tflow.terr("connection reset")
+        a.error(f)
+    (r,) = records(log)
+    assert (r["status"], r["cached_tokens"], r["prompt_tokens"]) == (200, 18204, 18230)
+    assert r["error"] == "response interrupted: connection reset"
+
+
 def test_interleaved_side_request_warns_once(caplog: pytest.LogCaptureFixture) -> None:
     a = StablePrefix()
     side = {

@@ -339,11 +339,15 @@ class StablePrefix:
 
     def error(self, flow: http.HTTPFlow) -> None:
         record = self._pending.pop(flow.id, None)
-        self._feeds.pop(flow.id, None)
+        feed = self._feeds.pop(flow.id, None)
         if record is None:
             return
         msg = flow.error.msg if flow.error else "unknown error"
-        self._guard(lambda: self.analyzer.error(record, msg))
+        if feed is not None:  # a stream cut short: what the server reported so far still counts
+            self._guard(feed.finish)
+            record.setdefault("error", f"response interrupted: {msg}"[:200])
+        else:
+            self._guard(lambda: self.analyzer.error(record, msg))
         self._finish(flow, record)
 
     def _finish(self, flow: http.HTTPFlow, record: dict[str, Any]) -> None:
