@@ -363,3 +363,43 @@ def test_har_file_is_analysed_offline(tmp_path: Path) -> None:
     f = tmp_path / "session.har"
     f.write_text(json.dumps(SaveHar().make_har(_recorded_session()), indent=2))
     _assert_billing_story(report.read([f], progress=False), f)
+
+
+RECORD_FIELDS = (
+    "ts", "id", "host", "path", "api", "rewritten", "removed", "would_remove", "passthrough", "session",
+    "error", "chain", "system_chars", "tools_chars", "message_chars", "stream", "class", "verdict",
+    "common_prefix_messages", "diverged_at", "tools_changed", "cause", "reusable_chars", "reusable_tokens_est",
+    "status", "cached_tokens", "prompt_tokens", "evidence", "miss", "interleaved_side",
+)  # fmt: skip
+
+
+def test_any_field_values_never_break_the_report() -> None:
+    """Logs from other versions or edited by hand: whatever a field holds, the report renders."""
+    from hypothesis import HealthCheck
+    from hypothesis import given
+    from hypothesis import settings
+    from hypothesis import strategies as st
+
+    json_values = st.recursive(
+        st.none()
+        | st.booleans()
+        | st.integers(-(10**12), 10**12)
+        | st.floats(allow_nan=False)
+        | st.text(max_size=8),
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+        max_leaves=10,
+    )
+    record = st.dictionaries(st.sampled_from(RECORD_FIELDS), json_values, max_size=len(RECORD_FIELDS))
+    stream_ids = st.sampled_from(["s1", "s2"])
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(st.lists(st.tuples(record, stream_ids), max_size=6))
+    def check(recs: list[tuple[dict, str]]) -> None:
+        rep = report.Report()
+        for i, (rec, sid) in enumerate(recs):
+            rep.add({**rec, "stream": sid} if i % 2 else rec, f"f:{i + 1}", "f")
+        report.render_text(rep)
+        report.check_lines(rep)
+        render_html([("", rep)])
+
+    check()

@@ -345,6 +345,8 @@ class Supervisor:
                     self.proc.wait()
             for s, h in previous.items():
                 signal.signal(s, h)
+        if code < 0:  # killed by a signal: report it the way a shell does
+            code = 128 - code
         if not self.announced:
             err(f"{Path(self.cmd[0]).name} exited with status {code} before listening (see its output above)")
             return code or 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,6 +104,10 @@ def main(html: str | None = None) -> int:
         print(f"\n=== stableprefix report: {title} ===")
         print(report.render_text(rep), end="")
     if html:
-        Path(html).write_text(render_html(reports, title="stableprefix demo report"), encoding="utf-8")
+        try:
+            Path(html).write_text(render_html(reports, title="stableprefix demo report"), encoding="utf-8")
+        except OSError as e:
+            print(f"stableprefix: {html}: cannot write: {e.strerror or e}", file=sys.stderr)
+            return 2
         print(f"\nwrote {html}")
     return 0 if distinct_with == 1 and distinct_without == len(turns) else 1

@@ -33,6 +33,7 @@ other than ``cache_markers_only``).
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import sys
@@ -84,7 +85,16 @@ def fmt(n: int | None, est: bool = False) -> str:
 
 
 def _int(v: Any) -> int | None:
-    return int(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+    """`v` as an int when it is a finite number (not a bool); else None. Logs may hold anything."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return None
+    return int(v) if math.isfinite(v) else None
+
+
+def _count(v: Any) -> int:
+    """A rule's count; a rule named with a count that is not a number fired once."""
+    n = _int(v)
+    return n if n is not None else 1
 
 
 # ---------------------------------------------------------------------------------------------- the model
@@ -123,11 +133,11 @@ class Turn:
         r = self.rec
         if "system_chars" not in r and "tools_chars" not in r and "message_chars" not in r:
             return None
-        msgs = r.get("message_chars") or []
+        msgs = r.get("message_chars")
         return (
             (_int(r.get("system_chars")) or 0)
             + (_int(r.get("tools_chars")) or 0)
-            + sum(x for x in msgs if isinstance(x, int))
+            + sum(_int(x) or 0 for x in (msgs if isinstance(msgs, list) else ()))
         )
 
     @property
@@ -203,10 +213,10 @@ class Turn:
         """(rule -> count, observe?) of what the rules changed or would have changed."""
         removed = self.rec.get("removed")
         if isinstance(removed, dict) and removed:
-            return {str(k): v for k, v in removed.items()}, False
+            return {str(k): _count(v) for k, v in removed.items()}, False
         would = self.rec.get("would_remove")
         if isinstance(would, dict) and would:
-            return {str(k): v for k, v in would.items()}, True
+            return {str(k): _count(v) for k, v in would.items()}, True
         return {}, False
 
     def saved_tokens(self) -> int | None:
