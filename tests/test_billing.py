@@ -55,3 +55,13 @@ def test_header_without_pairs_or_trailing_semicolon() -> None:
     # an unterminated pair is not part of the header: the header ends before it
     h = billing.find("x-anthropic-billing-header: cc_version=2.1.39.c39; cch=1")
     assert h is not None and h.fields == {"cc_version": "2.1.39.c39"}
+
+
+def test_find_all_stacked_headers_with_their_own_fields() -> None:
+    second = FORMS[1]
+    text = FORMS[0] + "\n" + second + "\n\nrest"
+    found = billing.find_all(text)
+    assert [h.fields["cc_version"] for h in found] == ["2.1.39.c39", "2.1.181.73f"]
+    assert text[found[-1].end :] == "rest"
+    assert [text[s:e] for s, e, _ in found[1].volatile] == ["73f"]
+    assert billing.is_whole(FORMS[0] + FORMS[1]) and billing.find_all("no header") == []

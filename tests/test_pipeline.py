@@ -203,3 +203,11 @@ def test_session_id_sources() -> None:
 
 def test_fixture_loader_reads_json() -> None:
     assert load_fixture("count_tokens_no_system.json")["model"] == "claude-sonnet-4-5"
+
+
+def test_an_internal_error_forwards_the_original_with_a_warning() -> None:
+    bad = rulelib.Rule("boom", ("path:messages",), "pin", value=object())  # not JSON-serialisable
+    raw = (FIXTURES / "cc_2_1_39_cch.json").read_bytes()
+    result = pipeline.process("POST", "h", "/v1/messages", raw, Settings(rules=(bad,)))
+    assert result is not None and result.forward is None
+    assert result.warning and "internal TypeError" in result.warning

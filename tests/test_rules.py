@@ -232,3 +232,34 @@ def test_sticky_memory_is_bounded() -> None:
     assert len(m) == 2 and m.first(("s", "r", "g"), 5) == 5  # evicted, so the new value is first again
     m.clear()
     assert len(m) == 0
+
+
+def test_path_rules_after_a_deleted_block_hit_the_right_blocks() -> None:
+    body = {
+        "system": [
+            {"type": "text", "text": H},
+            {"type": "text", "text": "id", "cache_control": {"type": "ephemeral"}},
+            {"type": "text", "text": "big", "cache_control": {"type": "ephemeral"}},
+        ],
+        "messages": [],
+    }
+    out, fired = run(body, on("cache_control"))
+    assert out["system"] == [{"type": "text", "text": "id"}, {"type": "text", "text": "big"}]
+    assert fired == {"billing": 1, "cache_control": 2}
+
+
+@pytest.mark.parametrize("sep", ["", "\n", "\n\n"])
+def test_stacked_headers_go_in_one_pass(sep: str) -> None:
+    body = {"system": H + sep + H + sep + "You are", "messages": []}
+    out, fired = run(body, rl.builtin_rules())
+    assert out["system"] == "You are" and fired == {"billing": 2}
+    pinned, _ = run(body, rl.builtin_rules("pin"))
+    assert pinned["system"].count("cch=fffff;") == 2
+
+
+def test_regex_rules_match_around_lone_surrogates() -> None:
+    body = {"system": "a", "messages": [{"role": "user", "content": "\ud800 Today's date is 2026-11-29. x"}]}
+    memory = rl.StickyMemory()
+    run(body, on("date"), sticky=memory)
+    later = {"system": "a", "messages": [{"role": "user", "content": "\ud800 Today's date is 2026-11-30. x"}]}
+    assert run(later, on("date"), sticky=memory)[0] == body

@@ -13,8 +13,10 @@ import re
 from dataclasses import dataclass
 
 _PAIRS = r"(?:[ \t]*[A-Za-z0-9_-]+=[^;\r\n]*;)*"
+_LINE = r"[ \t]*x-anthropic-billing-header:" + _PAIRS + r"[ \t]*(?:\r?\n)*"
 #: A leading header line plus the line breaks that join it to the text after it.
-HEADER = re.compile(r"\A[ \t]*x-anthropic-billing-header:" + _PAIRS + r"[ \t]*(?:\r?\n)*")
+HEADER = re.compile(r"\A" + _LINE)
+_HEADER_AT = re.compile(_LINE)  # used with .match(text, pos): anchored at pos
 _PAIR = re.compile(r"[ \t]*(?P<key>[A-Za-z0-9_-]+)=(?P<value>[^;\r\n]*);")
 _VERSION = re.compile(r"\d+\.\d+\.\d+")
 
@@ -34,14 +36,14 @@ class Header:
     ]  # (start, end, constant) of the cch value and the version suffix
 
 
-def find(text: str) -> Header | None:
-    """The billing header at the very start of `text`, if there is one."""
-    m = HEADER.match(text)
+def find(text: str, start: int = 0) -> Header | None:
+    """The billing header that begins exactly at `start` (default: the start of `text`), if there is one."""
+    m = _HEADER_AT.match(text, start)
     if m is None:
         return None
     fields: dict[str, str] = {}
     volatile: list[tuple[int, int, str]] = []
-    pos = text.index(":", 0, m.end()) + 1
+    pos = text.index(":", start, m.end()) + 1
     while (p := _PAIR.match(text, pos, m.end())) is not None:
         key, value = p.group("key"), p.group("value")
         fields.setdefault(key, value)
@@ -55,7 +57,15 @@ def find(text: str) -> Header | None:
     return Header(m.end(), fields, tuple(volatile))
 
 
+def find_all(text: str) -> list[Header]:
+    """The billing headers stacked at the start of `text` (usually one; translators may glue two)."""
+    out: list[Header] = []
+    while (h := find(text, out[-1].end if out else 0)) is not None and h.end > (out[-1].end if out else 0):
+        out.append(h)
+    return out
+
+
 def is_whole(text: str) -> bool:
-    """True when `text` is nothing but a billing header (a block Claude Code sends on its own)."""
-    h = find(text)
-    return h is not None and not text[h.end :].strip()
+    """True when `text` is nothing but billing headers (a block Claude Code sends on its own)."""
+    found = find_all(text)
+    return bool(found) and not text[found[-1].end :].strip()

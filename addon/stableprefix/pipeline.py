@@ -118,7 +118,26 @@ def process(
         record["error"] = reason[:200]
         return Result(None, record, warning=f"left {record['path']} unchanged: {reason[:200]}")
     assert shape is not None
-    session = session_id(headers or {}, doc.value)
+    try:
+        return _normalise(doc, shape, host, record, settings, headers or {}, sticky)
+    except Exception as e:  # a bug must never cost a request: forward the original bytes, say why once
+        record["error"] = f"internal {type(e).__name__}: {e}"[:200]
+        return Result(
+            None, record, shape, doc.value, warning=f"left {record['path']} unchanged: {record['error']}"
+        )
+
+
+def _normalise(
+    doc: Document,
+    shape: Shape,
+    host: str,
+    record: dict[str, Any],
+    settings: Settings,
+    headers: Mapping[str, str],
+    sticky: StickyMemory | None,
+) -> Result:
+    api = shape.api
+    session = session_id(headers, doc.value)
     record["removed"] = {}
     if (bill := billing_fields(shape)) is not None:
         record["billing"] = bill
@@ -131,12 +150,8 @@ def process(
         if settings.observe:
             record["would_remove"] = fired
         else:
-            try:
-                forward = doc.edited(outcome.edits).encode("utf-8")
-                body = apply_edits(doc.value, outcome.edits)
-            except (ValueError, KeyError, IndexError, TypeError) as e:
-                record["error"] = f"{type(e).__name__}: {e}"[:200]
-                return Result(None, record, shape, doc.value, warning=f"left {record['path']} unchanged: {e}")
+            forward = doc.edited(outcome.edits).encode("utf-8")
+            body = apply_edits(doc.value, outcome.edits)
             record["removed"] = fired
             record["rewritten"] = True
     if passthrough:

@@ -100,12 +100,21 @@ class RegexMatcher:
     def find(self, text: str, lead: bool) -> list[Found]:
         out = []
         groups = list(self.compiled.groupindex.items())  # google-re2 spans take group numbers only
-        for m in self.compiled.finditer(text):
+        try:
+            matches = list(self.compiled.finditer(text))
+        except (
+            UnicodeEncodeError
+        ):  # RE2 matches UTF-8; lone surrogates (valid JSON escapes) cannot be encoded
+            matches = list(self.compiled.finditer(_SURROGATE.sub("\ufffd", text)))  # same offsets
+        for m in matches:
             if m.end() == m.start():
                 continue
             targets = tuple(Target(m.start(i), m.end(i), g) for g, i in groups if m.start(i) >= 0)
             out.append(Found(m.start(), m.end(), targets or (Target(m.start(), m.end(), ""),)))
         return out
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _re2_message(e: Exception) -> str:
@@ -114,18 +123,23 @@ def _re2_message(e: Exception) -> str:
 
 
 class BillingMatcher:
-    """The attribution header at the start of a system container's first text, or filling a whole block."""
+    """The attribution header(s) at the start of a system container's first text, or filling a whole block."""
 
     groups = ("cch", "suffix")
 
     def find(self, text: str, lead: bool) -> list[Found]:
-        h = billing.find(text)
-        if h is None or not (lead or not text[h.end :].strip()):
+        headers = billing.find_all(text)
+        if not headers or not (lead or not text[headers[-1].end :].strip()):
             return []
-        targets = tuple(
-            Target(s, e, "cch" if c == billing.PINNED_CCH else "suffix") for s, e, c in h.volatile
-        )
-        return [Found(0, h.end, targets)]
+        start = 0
+        out = []
+        for h in headers:
+            targets = tuple(
+                Target(s, e, "cch" if c == billing.PINNED_CCH else "suffix") for s, e, c in h.volatile
+            )
+            out.append(Found(start, h.end, targets))
+            start = h.end
+        return out
 
 
 @dataclass(frozen=True)
@@ -514,18 +528,48 @@ def apply(
             out.edits.append(Delete(slot.block))
         else:
             out.edits.append(Replace(slot.path, text))
-    # Path rules, then tools rules, each on the body as the rules before it left it.
+    # Path rules, then tools rules, each on the body as the rules before it left it; their edits are mapped
+    # back to the original body's indices (earlier rules may have deleted array elements).
     for kind in ("path:", "tools"):
         for rule in active:
             for scope in rule.scopes:
                 if scope.startswith(kind):
                     body = apply_edits(shape.body, out.edits) if out.edits else shape.body
+                    step = Outcome()
                     if kind == "tools":
-                        _apply_tools_rule(rule, body, out)
+                        _apply_tools_rule(rule, body, step)
                     else:
-                        _apply_path_rule(rule, scope[5:], body, session, sticky, out)
+                        _apply_path_rule(rule, scope[5:], body, session, sticky, step)
+                    out.edits += [_in_original(e, out.edits) for e in step.edits]
+                    out.fired.update(step.fired)
     out.fired = Counter({k: v for k, v in out.fired.items() if v})
     return out
+
+
+def _original_path(path: JsonPath, edits: Sequence[Edit]) -> JsonPath:
+    """`path` in the edited body, expressed in the original body's indices (undoing array deletions)."""
+    deleted = {e.path for e in edits if isinstance(e, Delete)}
+    if not deleted:
+        return path
+    out: list[Any] = []
+    for key in path:
+        if isinstance(key, int):
+            prefix = tuple(out)
+            gone = sorted(
+                d[-1]
+                for d in deleted
+                if len(d) == len(prefix) + 1 and d[:-1] == prefix and isinstance(d[-1], int)
+            )
+            for g in gone:
+                if g <= key:
+                    key += 1
+        out.append(key)
+    return tuple(out)
+
+
+def _in_original(edit: Edit, edits: Sequence[Edit]) -> Edit:
+    path = _original_path(edit.path, edits)
+    return Replace(path, edit.value) if isinstance(edit, Replace) else Delete(path)
 
 
 def _apply_path_rule(
