@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from typing import Any
 
 from stableprefix.upstream import Upstream
 from tests.conftest import post
@@ -9,7 +10,7 @@ from tests.conftest import post
 
 def test_records_exact_bytes_and_simulates_a_one_slot_cache() -> None:
     with Upstream() as up:
-        body = {"system": "s" * 400, "messages": [{"role": "user", "content": "a"}]}
+        body: dict[str, Any] = {"system": "s" * 400, "messages": [{"role": "user", "content": "a"}]}
         status, resp = post(up.port, "/v1/messages?beta=true", body)
         assert status == 200 and json.loads(resp)["usage"]["cache_read_input_tokens"] == 0
         body["messages"].append({"role": "user", "content": "b"})
