@@ -181,3 +181,13 @@ def test_jsonl_writer_appends_whole_lines_from_threads(tmp_path: Path) -> None:
     w2.write({"n": -1})
     w2.close()
     assert len(path.read_text().splitlines()) == 201  # appended, not truncated
+
+
+def test_jsonl_writer_escapes_lone_surrogates(tmp_path: Path) -> None:
+    path = tmp_path / "log.jsonl"
+    w = JsonlWriter(path)
+    w.write({"tool_names": ["ok\ud800"], "t": "é"})
+    w.close()
+    line = path.read_text(encoding="utf-8").strip()
+    assert line == '{"tool_names":["ok\\ud800"],"t":"\\u00e9"}'
+    assert json.loads(line)["tool_names"] == ["ok\ud800"]

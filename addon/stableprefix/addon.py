@@ -77,7 +77,6 @@ class StablePrefix:
         self._rules_broken: str | None = None
         self._pending: dict[str, dict[str, Any]] = {}  # flow id -> record, until the response completes
         self._feeds: dict[str, SSEFeed] = {}  # flow id -> parser of a streamed response
-        self._internal_warned = False
 
     @property
     def settings(self) -> pipeline.Settings:
@@ -257,15 +256,14 @@ class StablePrefix:
     # --- hooks ---------------------------------------------------------------------------------------------
 
     def _guard(self, fn: Any) -> Any:
-        """Run `fn`; on an internal error warn once and return None (the addon never raises into mitmproxy)."""
+        """Run `fn`; on an internal error warn (one line) and return None: the addon never raises into
+        mitmproxy, and the request or response it was looking at passes unchanged."""
         try:
             return fn()
         except Exception as e:  # fail open
-            if not self._internal_warned:
-                self._internal_warned = True
-                logger.warning(
-                    f"stableprefix: internal error ({type(e).__name__}: {e}); traffic passes unchanged"
-                )
+            logger.warning(
+                f"stableprefix: internal error ({type(e).__name__}: {e}); traffic passes unchanged"
+            )
             return None
 
     def request(self, flow: http.HTTPFlow) -> None:

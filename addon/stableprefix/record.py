@@ -156,6 +156,10 @@ class JsonlWriter:
 
     def write(self, record: Mapping[str, Any]) -> None:
         line = json.dumps(record, ensure_ascii=False, separators=(",", ":"), default=str)
+        try:
+            line.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate (e.g. in a tool name): escape instead of failing
+            line = json.dumps(record, ensure_ascii=True, separators=(",", ":"), default=str)
         with self._lock:
             self._file.write(line + "\n")
             self._file.flush()
