@@ -15,7 +15,7 @@ def test_records_exact_bytes_and_simulates_a_one_slot_cache() -> None:
         assert status == 200 and json.loads(resp)["usage"]["cache_read_input_tokens"] == 0
         body["messages"].append({"role": "user", "content": "b"})
         usage = json.loads(post(up.port, "/v1/messages", body)[1])["usage"]
-        assert usage["cache_read_input_tokens"] > 100 and usage["input_tokens"] < 10
+        assert usage["cache_read_input_tokens"] > 100 and usage["input_tokens"] < 20
         assert (
             up.received[0].body
             == json.dumps({"system": "s" * 400, "messages": [{"role": "user", "content": "a"}]}).encode()
@@ -40,3 +40,13 @@ def test_gzip_body_is_decoded_for_the_cache_but_kept_raw() -> None:
         got = up.received[-1]
         assert got.headers["content-encoding"] == "gzip"
         assert json.loads(got.decoded()) == {"messages": []} and gzip.decompress(got.body) == got.decoded()
+
+
+def test_cache_markers_and_count_tokens_do_not_cost_reuse() -> None:
+    with Upstream() as up:
+        first = {"system": "s" * 400, "messages": [{"role": "user", "content": [{"type": "text", "text": "a", "cache_control": {"type": "ephemeral"}}]}]}  # fmt: skip
+        post(up.port, "/v1/messages", first)
+        post(up.port, "/v1/messages/count_tokens", {"messages": [{"role": "user", "content": "zzz"}]})
+        again = {"system": "s" * 400, "messages": [{"role": "user", "content": "a"}]}  # marker moved away
+        usage = json.loads(post(up.port, "/v1/messages", again)[1])["usage"]
+        assert usage["input_tokens"] <= 1

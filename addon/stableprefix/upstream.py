@@ -3,8 +3,8 @@
 Used by the demo and the end-to-end tests in place of a model server. It keeps the exact bytes of every
 request and answers in the shape of the API the path names (Anthropic Messages, OpenAI Chat/Responses,
 Ollama), streaming SSE when asked. Its usage figures come from a one-slot prefix cache simulation: the
-prompt is the request's raw system + tools + messages JSON, and the reused part is the common prefix with
-the previous prompt (4 characters per token). It is a stand-in, not a model; the real server tests use
+prompt is the request's system + tools + messages JSON without cache markers, and the reused part is the
+common prefix with the previous prompt (4 characters per token); count_tokens requests evict nothing. It is a stand-in, not a model; the real server tests use
 llama-server.
 """
 
@@ -21,6 +21,8 @@ from http.server import BaseHTTPRequestHandler
 from http.server import ThreadingHTTPServer
 from os.path import commonprefix
 from typing import Any
+
+from stableprefix.fingerprint import canonical
 
 
 @dataclass
@@ -50,7 +52,8 @@ def _prompt_text(body: Any) -> str:
     if not isinstance(body, dict):
         return ""
     keys = ("system", "instructions", "tools", "messages", "input", "prompt")
-    return "".join(json.dumps(body.get(k), ensure_ascii=False) for k in keys if k in body)
+    # like a chat template: markers such as cache_control are not rendered
+    return "".join(json.dumps(canonical(body.get(k)), ensure_ascii=False) for k in keys if k in body)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -77,7 +80,7 @@ class _Handler(BaseHTTPRequestHandler):
         with self.state.lock:
             self.state.received.append(rec)
             cached = len(commonprefix([self.state.last_prompt, prompt])) // 4 if prompt else 0
-            if prompt:
+            if prompt and not self.path.split("?")[0].endswith("/count_tokens"):  # counting evicts nothing
                 self.state.last_prompt = prompt
         total = max(len(prompt) // 4, 1)
         stream = isinstance(body, dict) and body.get("stream") is True

@@ -165,14 +165,15 @@ def test_planted_changes_are_located_and_explained(mitm: Any, upstream: Upstream
     # what the upstream really received, and the cache figures it answered with
     prompts = [_prompt_text(json.loads(r.decoded())) for r in upstream.received]
     forwarded = [json.loads(r.decoded()) for r in upstream.received]
+    prev = ""  # the upstream's one slot: count_tokens requests do not replace it
     for i, ((label, path, _), r) in enumerate(zip(steps, recs, strict=True)):
-        prev = prompts[i - 1] if i else ""
         cached = len(os.path.commonprefix([prev, prompts[i]])) // 4
         total = max(len(prompts[i]) // 4, 1)
         assert r["status"] == 200, label
         if "count_tokens" in path:
             assert (r["cached_tokens"], r["evidence"], r["miss"]) == (None, None, None), label
             continue
+        prev = prompts[i]
         assert (r["cached_tokens"], r["prompt_tokens"], r["evidence"]) == (
             cached,
             total,
