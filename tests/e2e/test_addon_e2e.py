@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import datetime
 import gzip
-import ipaddress
 import json
 import os
 import subprocess
@@ -12,11 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from stableprefix import launch
 from stableprefix import pipeline
@@ -24,6 +17,7 @@ from stableprefix.upstream import Upstream
 from tests.conftest import FIXTURES
 from tests.conftest import MitmFactory
 from tests.conftest import post
+from tests.conftest import tls_cert
 
 pytestmark = pytest.mark.e2e
 
@@ -126,34 +120,6 @@ def test_bad_option_stops_startup_naming_it(tmp_path: Path, option: str, message
     assert message in proc.stdout + proc.stderr
 
 
-def _tls_cert(tmp_path: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_file, key_file = tmp_path / "up.pem", tmp_path / "up.key"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    return cert_file, key_file
-
-
 CLIENT = """
 import sys, urllib.request
 req = urllib.request.Request(sys.argv[1], data=open(sys.argv[2], "rb").read(),
@@ -164,7 +130,7 @@ with urllib.request.urlopen(req, timeout=30) as resp:
 
 
 def test_https_proxy_mode_with_trusted_mitmproxy_ca(tmp_path: Path) -> None:
-    cert, key = _tls_cert(tmp_path)
+    cert, key = tls_cert(tmp_path)
     confdir = tmp_path / "conf"
     with Upstream(certfile=str(cert), keyfile=str(key)) as up:
         args = launch.command(
