@@ -6,6 +6,6 @@ set -euo pipefail
 sp_bootstrap
 cd "$SP_ROOT"
 start=$(date +%s)
-HYPOTHESIS_PROFILE=long "$SP_VENV/bin/python" -m pytest tests/test_properties.py -p no:cacheprovider \
+HYPOTHESIS_PROFILE=long "$SP_VENV/bin/python" -m pytest tests/test_properties.py -p no:cacheprovider --timeout=0 \
   --hypothesis-show-statistics -q "$@"
 echo "fuzz_long: $(( $(date +%s) - start )) s"

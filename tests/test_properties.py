@@ -12,8 +12,9 @@ or ASCII-escaped) and every rule set (billing drop/pin, all built-ins, user rule
 - rules stay in their declared scope (billing only ever edits system-position text);
 - applying the rules twice gives the same bytes as once.
 
-Profiles: ``HYPOTHESIS_PROFILE=ci`` (default, short) and ``HYPOTHESIS_PROFILE=long`` (10,000 examples per
-property and shape): ``scripts/fuzz_long.sh``.
+Each property draws the shape, the rule set and the serialisation style. Profiles: ``HYPOTHESIS_PROFILE=ci``
+(default: 100 examples per property, derandomised) and ``HYPOTHESIS_PROFILE=long`` (10,000 examples per
+property, random): ``scripts/fuzz_long.sh``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
 
-from stableprefix import billing
 from stableprefix import fingerprint
 from stableprefix import jsonedit
 from stableprefix import pipeline
@@ -40,7 +40,7 @@ from stableprefix import shapes
 
 settings.register_profile(
     "ci",
-    max_examples=40,
+    max_examples=100,
     deadline=None,
     derandomize=True,
     suppress_health_check=[HealthCheck.too_slow],
@@ -445,10 +445,10 @@ def run(raw: bytes, path: str, rule_set: str, sticky: rules.StickyMemory) -> pip
 # --- the properties -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shape", SHAPES)
 @PROFILE
 @given(data=st.data())
-def test_forwarded_json_is_the_input_with_exactly_the_rules_edits(shape: str, data: st.DataObject) -> None:
+def test_forwarded_json_is_the_input_with_exactly_the_rules_edits(data: st.DataObject) -> None:
+    shape = data.draw(st.sampled_from(SHAPES))
     path = PATHS[shape]
     rule_set = data.draw(rule_sets)
     primer = serialise(data.draw(BODIES[shape]()), "compact")  # an earlier request: sticky values to reuse
@@ -476,21 +476,14 @@ def outermost(edits: list[jsonedit.Edit]) -> list[jsonedit.Edit]:
     return [e for e in edits if not any(o.path != e.path and _is_prefix(o.path, e.path) for o in edits)]
 
 
-@pytest.mark.parametrize("shape", SHAPES)
 @PROFILE
 @given(data=st.data())
-def test_applying_the_rules_twice_equals_once(shape: str, data: st.DataObject) -> None:
+def test_applying_the_rules_twice_equals_once(data: st.DataObject) -> None:
+    shape = data.draw(st.sampled_from(SHAPES))
     path = PATHS[shape]
     rule_set = data.draw(rule_sets)
     body = data.draw(BODIES[shape]())
-    assume(
-        not has_stacked_billing_headers(body)
-    )  # a known bug: test_stacked_billing_headers_are_dropped_in_one_pass
     raw = serialise(body, data.draw(styles))
-    edits = oracle_edits(raw, path, rule_set, rules.StickyMemory())
-    assume(
-        not edits_below_deletes(edits)
-    )  # a known bug: test_cache_control_goes_from_every_block_after_billing
     sticky = rules.StickyMemory()
     once = run(raw, path, rule_set, sticky).forward or raw
     twice = run(once, path, rule_set, sticky)
@@ -498,10 +491,10 @@ def test_applying_the_rules_twice_equals_once(shape: str, data: st.DataObject) -
     assert (twice.forward or once) == once, "a second pass changed the body again"
 
 
-@pytest.mark.parametrize("shape", SHAPES)
 @PROFILE
 @given(data=st.data())
-def test_billing_touches_system_position_text_only(shape: str, data: st.DataObject) -> None:
+def test_billing_touches_system_position_text_only(data: st.DataObject) -> None:
+    shape = data.draw(st.sampled_from(SHAPES))
     path = PATHS[shape]
     rule_set = data.draw(st.sampled_from(["billing", "pin"]))
     raw = serialise(data.draw(BODIES[shape]()), data.draw(styles))
@@ -522,21 +515,6 @@ def test_billing_touches_system_position_text_only(shape: str, data: st.DataObje
     assert [s.text for s in after_shape.slots if s.scope != "system"] == before
 
 
-def _strings(value: Any) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, dict):
-        return [s for v in value.values() for s in _strings(v)]
-    if isinstance(value, list):
-        return [s for v in value for s in _strings(v)]
-    return []
-
-
-def edits_below_deletes(edits: list[jsonedit.Edit]) -> bool:
-    deleted = [e.path for e in edits if isinstance(e, jsonedit.Delete)]
-    return any(d != e.path and _is_prefix(d, e.path) for d in deleted for e in edits)
-
-
 def test_cache_control_goes_from_every_block_after_billing() -> None:
     raw = serialise(
         samples.Session().request(2), "compact"
@@ -547,31 +525,6 @@ def test_cache_control_goes_from_every_block_after_billing() -> None:
     system = json.loads(result.forward)["system"]
     assert len(system) == 2
     assert all("cache_control" not in block for block in system)
-
-
-def has_lone_surrogate(raw: bytes) -> bool:
-    try:
-        value = json.loads(raw)
-    except (ValueError, RecursionError):
-        return False
-    return any(not s.isascii() and not _encodable(s) for s in _strings(value))
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def has_stacked_billing_headers(body: Any) -> bool:
-    """A text that starts with two billing headers in a row (only with nothing or line breaks between)."""
-    for text in _strings(body):
-        h = billing.find(text)
-        if h is not None and billing.find(text[h.end :]) is not None:
-            return True
-    return False
 
 
 @pytest.mark.parametrize("sep", ["", "\n", "\n\n"])
@@ -613,10 +566,10 @@ def corrupt(raw: bytes, how: str, where: int, junk: bytes) -> bytes:
 WRONG = [1, 2.5, True, None, "s", [], {}, [1, 2], [{"type": "text", "text": 3}], {"text": "x"}, ["str"]]
 
 
-@pytest.mark.parametrize("shape", SHAPES)
 @PROFILE
 @given(data=st.data())
-def test_fail_open_never_raises_and_warns_when_it_leaves_a_body(shape: str, data: st.DataObject) -> None:
+def test_fail_open_never_raises_and_warns_when_it_leaves_a_body(data: st.DataObject) -> None:
+    shape = data.draw(st.sampled_from(SHAPES))
     path = PATHS[shape]
     body = data.draw(BODIES[shape]())
     if data.draw(st.booleans()):  # a wrong type somewhere the shape looks
@@ -632,8 +585,6 @@ def test_fail_open_never_raises_and_warns_when_it_leaves_a_body(shape: str, data
         junk = data.draw(st.sampled_from([b"", b"{", b"]", b'"', b",", b"\\", b"\x00", b"nul", b"\xc3"]))
         raw = corrupt(serialise(body, data.draw(styles)), how, data.draw(st.integers(0, 10_000)), junk)
     rule_set = data.draw(rule_sets)
-    if has_lone_surrogate(raw):  # known bug: test_lone_surrogate_in_prompt_with_a_regex_rule_fails_open
-        rule_set = data.draw(st.sampled_from(["billing", "pin"]))
     result = pipeline.process("POST", "h", path, raw, settings_for(rule_set), SESSION, rules.StickyMemory())
     assert result is not None
     if result.warning is not None:
