@@ -291,3 +291,54 @@ def test_rules_file_edited_to_invalid_keeps_previous_rules(
     assert proxy.output().count(f"reloaded {rules}") == 1
     assert proxy.output().count("keeping the previous rules") == 2
     assert proxy.stop() == 0
+
+
+EVIL = """
+[[rule]]
+name = "evil_nested"
+scope = ["system", "messages:*"]
+match = "(a+)+$"
+action = "drop"
+
+[[rule]]
+name = "evil_repeat"
+scope = "messages:user"
+match = "(?:.*a){25}!"
+action = "mask"
+"""
+
+
+def test_pathological_user_regex_on_a_megabyte_prompt(
+    mitm: MitmFactory, faulty: FaultyUpstream, tmp_path: Path
+) -> None:
+    """Backtracking engines take exponential time on these patterns with 'aaa…a' and no match at the end;
+    RE2 is linear, so a 1 MB prompt goes through in well under the bound."""
+    rules = tmp_path / "rules.toml"
+    rules.write_text(EVIL, encoding="utf-8")
+    proxy = mitm("--set", f"stableprefix_rules={rules}", mode=f"reverse:{faulty.url}")
+    assert "evil_nested" in proxy.output()  # the rules are loaded
+    b = samples.Session(system_chars=2000, tool_count=3).request(1)
+    b["system"][2]["text"] += "a" * 300_000 + "?"
+    b["messages"][0]["content"][1]["text"] = "a" * 700_000 + "?"
+    raw = json.dumps(b).encode()
+    assert len(raw) > 1_000_000
+    conn, _ = connect(proxy.port or 0)
+    t0 = time.monotonic()
+    conn.request("POST", "/v1/messages", raw, {"content-type": "application/json"})
+    resp = conn.getresponse()
+    resp.read()
+    elapsed = time.monotonic() - t0
+    conn.close()
+    assert resp.status == 200
+    assert elapsed < 5.0, f"{elapsed:.2f} s for a 1 MB prompt"
+    assert faulty.bodies[-1].count(b"a" * 1000) >= 900  # nothing matched: the text went through whole
+    serves(proxy, faulty)
+
+
+def test_regex_re2_cannot_run_is_refused_at_start(mitm: MitmFactory, tmp_path: Path) -> None:
+    rules = tmp_path / "rules.toml"
+    rules.write_text('[[rule]]\nname = "backref"\nscope = "system"\nmatch = "(a)\\\\1"\naction = "drop"\n')
+    args = launch.command(confdir=tmp_path / "c", extra=["--set", f"stableprefix_rules={rules}"])
+    with pytest.raises(RuntimeError) as err:
+        launch.Proxy(args, timeout=20)
+    assert "backref" in str(err.value) and str(rules) in str(err.value)
