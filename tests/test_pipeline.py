@@ -210,4 +210,4 @@ def test_an_internal_error_forwards_the_original_with_a_warning() -> None:
     raw = (FIXTURES / "cc_2_1_39_cch.json").read_bytes()
     result = pipeline.process("POST", "h", "/v1/messages", raw, Settings(rules=(bad,)))
     assert result is not None and result.forward is None
-    assert result.warning and "internal TypeError" in result.warning
+    assert result.warning and "internal error (TypeError)" in result.warning

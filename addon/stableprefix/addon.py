@@ -281,9 +281,12 @@ class StablePrefix:
             return
         try:
             raw = req.get_content(strict=True) or b""
-        except ValueError as e:
+        except ValueError:  # mitmproxy's message quotes body bytes: name the encoding only
+            encoding = req.headers.get("content-encoding", "")
             logger.warning(
-                f"stableprefix: left {req.path.split('?')[0]} unchanged: cannot decode body: {e}", extra=extra
+                f"stableprefix: left {req.path.split('?')[0]} unchanged: cannot decode body "
+                f"(Content-Encoding {encoding!r})",
+                extra=extra,
             )
             return
         result = self._guard(lambda: self.analyzer.request(req.method, req.host, req.path, raw, req.headers))

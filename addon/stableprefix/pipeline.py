@@ -121,7 +121,7 @@ def process(
     try:
         return _normalise(doc, shape, host, record, settings, headers or {}, sticky)
     except Exception as e:  # a bug must never cost a request: forward the original bytes, say why once
-        record["error"] = f"internal {type(e).__name__}: {e}"[:200]
+        record["error"] = f"internal error ({type(e).__name__})"  # its message could quote prompt text
         return Result(
             None, record, shape, doc.value, warning=f"left {record['path']} unchanged: {record['error']}"
         )

@@ -160,11 +160,6 @@ def _search(proxy: launch.Proxy, log: Path, flows: Path, tmp_path: Path) -> None
     assert shown == 3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug in addon.py: the 'cannot decode body' warning repeats mitmproxy's decode error, which quotes "
-    "the first bytes of the body (repr(body)[:10])",
-)
 def test_undecodable_body_warning_quotes_no_body_bytes(mitm: MitmFactory, upstream: Upstream) -> None:
     proxy = mitm(mode=f"reverse:{upstream.url}")
     assert proxy.port
