@@ -14,6 +14,12 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
+from typing import NamedTuple
+
+try:  # optional speed-up for locating members of nested containers; results are the same without it
+    import orjson
+except ImportError:  # pragma: no cover
+    orjson = None  # type: ignore[assignment]
 
 type Key = str | int
 type JsonPath = tuple[Key, ...]
@@ -45,8 +51,7 @@ class Delete:
 type Edit = Replace | Delete
 
 
-@dataclass(frozen=True, slots=True)
-class _Member:
+class _Member(NamedTuple):  # a tuple: built for every element of a container, so cheap to make
     key: Key
     start: int  # first character of the member (its key for objects)
     value_start: int
@@ -65,6 +70,8 @@ def dumps(value: Any) -> str:
 
 
 def _ws(text: str, i: int) -> int:
+    if i < len(text) and text[i] not in " \t\n\r":  # compact JSON: no whitespace, no regex call
+        return i
     m = _WS.match(text, i)
     return m.end() if m else i
 
@@ -173,9 +180,53 @@ def _container_ops(text: str, members: list[_Member], tree: dict[Key, Any], ops:
         if isinstance(sub, Replace):
             ops.append((m.value_start, m.end, dumps(sub.value)))
         elif text[m.value_start] in "{[":
-            _container_ops(text, _members(text, m.value_start)[0], sub, ops)
+            found = _members_of(text, m.value_start, m.value)
+            _container_ops(text, found if found is not None else _members(text, m.value_start)[0], sub, ops)
         else:
             raise ValueError(f"path goes through a scalar at {m.key!r}")
+
+
+def _members_of(text: str, i: int, value: Any) -> list[_Member] | None:
+    """The members of the container at `i` whose parsed `value` is known, without parsing it again.
+
+    Each member's text is guessed as orjson writes it (compact, UTF-8: what ``JSON.stringify`` sends) and
+    accepted only when the text holds exactly those characters followed by a separator, so every span is
+    proven; None as soon as one is not (other spacing or escapes): the caller parses the container instead.
+    """
+    if orjson is None:
+        return None
+    is_object = text[i] == "{"
+    if is_object != isinstance(value, dict) or (not is_object and not isinstance(value, list)):
+        return None
+    close = "}" if is_object else "]"
+    items = value.items() if is_object else enumerate(value)
+    members: list[_Member] = []
+    j = _ws(text, i + 1)
+    try:
+        for n, (key, v) in enumerate(items):
+            if n:
+                if text[j] != ",":
+                    return None
+                j = _ws(text, j + 1)
+            start = j
+            if is_object:
+                token = orjson.dumps(key).decode()
+                if not text.startswith(token, j):
+                    return None
+                j = _ws(text, j + len(token))
+                if text[j] != ":":
+                    return None
+                j = _ws(text, j + 1)
+            guess = orjson.dumps(v).decode()
+            if not text.startswith(guess, j):
+                return None
+            members.append(_Member(key, start, j, j + len(guess), v))
+            j = _ws(text, j + len(guess))
+        if text[j] != close:  # more members in the text than in the value (duplicate keys), or junk
+            return None
+    except (TypeError, IndexError):  # orjson.JSONEncodeError: a lone surrogate, a big integer
+        return None
+    return members
 
 
 def _delete_ops(members: list[_Member], kept: set[Key], ops: list) -> None:
