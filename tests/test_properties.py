@@ -31,7 +31,6 @@ from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
 
-from stableprefix import billing
 from stableprefix import fingerprint
 from stableprefix import jsonedit
 from stableprefix import pipeline
@@ -484,9 +483,6 @@ def test_applying_the_rules_twice_equals_once(data: st.DataObject) -> None:
     path = PATHS[shape]
     rule_set = data.draw(rule_sets)
     body = data.draw(BODIES[shape]())
-    # known bugs: test_header_glued_after_a_header_block_goes_in_one_pass,
-    # test_header_left_alone_by_git_status_goes_in_one_pass
-    assume(not header_after_the_lead(body))
     raw = serialise(body, data.draw(styles))
     sticky = rules.StickyMemory()
     once = run(raw, path, rule_set, sticky).forward or raw
@@ -548,24 +544,6 @@ def test_lone_surrogate_in_prompt_with_a_regex_rule_fails_open(rule_set: str) ->
     assert result is not None
 
 
-def header_after_the_lead(value: Any) -> bool:
-    """A list of text blocks in which a block other than the first starts with a billing header."""
-    if isinstance(value, dict):
-        return any(header_after_the_lead(v) for v in value.values())
-    if not isinstance(value, list):
-        return False
-    texts = [b["text"] for b in value if isinstance(b, dict) and isinstance(b.get("text"), str)]
-    if any(billing.find(t) is not None for t in texts[1:]):
-        return True
-    return any(header_after_the_lead(v) for v in value)
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug in billing/rules: a header glued to the second system text is stripped only when that text "
-    "leads its container, which it does only after the header-only block before it was dropped: "
-    "a second pass changes the body again",
-)
 def test_header_glued_after_a_header_block_goes_in_one_pass() -> None:
     header = samples.billing_line()
     body = {
@@ -581,11 +559,6 @@ def test_header_glued_after_a_header_block_goes_in_one_pass() -> None:
     assert (run(once, PATHS["anthropic"], "billing", rules.StickyMemory()).forward or once) == once
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug in rules.apply: rules run once, in order; git_status leaves a text that is only a billing "
-    "header after the billing rule has run, and the second pass drops that block",
-)
 def test_header_left_alone_by_git_status_goes_in_one_pass() -> None:
     header = samples.billing_line()
     git = "\n\ngitStatus: This is the git status at the start of the conversation.\nStatus:\nM a.py"

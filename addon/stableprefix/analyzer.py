@@ -116,9 +116,12 @@ class Analyzer:
         result = pipeline.process(method, host, path, raw, self.settings, headers or {}, self.sticky)
         if result is None or result.warning or result.body is None or result.fingerprint is None:
             return result
-        api = shapes.Api(result.record["api"])
-        parts = shapes.parts(api, result.body)
-        detail = fingerprint.detail(parts, result.body)
+        parts = (
+            result.parts
+            if result.parts is not None
+            else shapes.parts(shapes.Api(result.record["api"]), result.body)
+        )
+        detail = fingerprint.detail(parts, result.body, result.fingerprint.message_bytes)
         fields = self.tracker.observe(
             result.record, detail, parts, _max_tokens(result.body), context=self.log_context
         )
@@ -231,8 +234,8 @@ def before_state(result: pipeline.Result) -> dict[str, Any]:
         out["changes"] = []
         return out
     api = shapes.Api(result.record["api"])
-    fp = fingerprint.fingerprint(shapes.parts(api, result.original_body))
-    out.update(system_hash=fp.system_hash, tools_hash=fp.tools_hash, prefix_hash=fp.prefix_hash)
+    system_hash, tools_hash, prefix_hash = fingerprint.prefix_hashes(shapes.parts(api, result.original_body))
+    out.update(system_hash=system_hash, tools_hash=tools_hash, prefix_hash=prefix_hash)
     changes: list[dict[str, Any]] = []
     diff_json(result.original_body, result.body, "", changes)
     out["changes"] = changes[:CHANGES_CAP]

@@ -19,8 +19,8 @@ import json
 import re
 import threading
 from collections import OrderedDict
-from dataclasses import asdict
 from dataclasses import dataclass
+from dataclasses import field
 from typing import Any
 
 try:  # optional speed-up; the bytes are the same with or without it (see canonical_bytes)
@@ -114,28 +114,42 @@ class Fingerprint:
     system_chars: int  # sizes, for estimating how much of the prompt a server can reuse
     tools_chars: int
     message_chars: list[int]
+    #: canonical bytes of each message, for `detail` to reuse; not part of the record
+    message_bytes: list[bytes] = field(default_factory=list, repr=False, compare=False)
 
     def as_record(self) -> dict[str, Any]:
-        return asdict(self)
+        return {f: getattr(self, f) for f in RECORD_FIELDS}
+
+
+RECORD_FIELDS = (
+    "system_hash", "tools_hash", "tool_names", "params_hash", "prefix_hash", "chain",
+    "system_chars", "tools_chars", "message_chars",
+)  # fmt: skip
+
+
+def prefix_hashes(parts: Parts) -> tuple[str, str, str]:
+    """(system_hash, tools_hash, prefix_hash) of a request's parts, without the message chain."""
+    return _prefix(parts)[:3]
+
+
+def _prefix(parts: Parts) -> tuple[str, str, str, int]:
+    tools = canonical_dump(parts.tools)
+    system_hash, tools_hash = sha(canonical_dump(parts.system)), sha(tools)
+    return system_hash, tools_hash, sha(f"{system_hash}{tools_hash}".encode()), len(tools)
 
 
 def fingerprint(parts: Parts) -> Fingerprint:
     """Hashes of a request's parts (see the module docstring for the canonical form)."""
-    system = canonical_dump(parts.system)
-    tools = canonical_dump(parts.tools)
-    params = canonical_dump(parts.params)
-    system_hash, tools_hash, params_hash = sha(system), sha(tools), sha(params)
-    prefix_hash = sha(f"{system_hash}{tools_hash}".encode())
+    system_hash, tools_hash, prefix_hash, tools_chars = _prefix(parts)
+    params_hash = sha(canonical_dump(parts.params))
     link = sha(f"{prefix_hash}{params_hash}".encode())
     chain: list[str] = []
-    sizes: list[int] = []
-    for m in parts.messages:
-        data = canonical_dump(m)
+    data_list = [canonical_dump(m) for m in parts.messages]
+    for data in data_list:
         h = hashlib.sha256(link.encode())
         h.update(data)
         link = h.hexdigest()
         chain.append(link[:CHAIN_HEX])
-        sizes.append(len(data))
     return Fingerprint(
         system_hash,
         tools_hash,
@@ -144,8 +158,9 @@ def fingerprint(parts: Parts) -> Fingerprint:
         prefix_hash,
         chain,
         sum(len(t) for t in parts.system),
-        len(tools),
-        sizes,
+        tools_chars,
+        [len(d) for d in data_list],
+        data_list,
     )
 
 
@@ -311,9 +326,10 @@ _MESSAGE_CACHE_CAP = 8192  # messages recur every turn: their detail is computed
 _CACHE_LOCK = threading.Lock()
 
 
-def message_detail(message: Any) -> Message:
-    """Role, hash, per-block detail and conversation key of one message."""
-    data = canonical_dump(message)
+def message_detail(message: Any, data: bytes | None = None) -> Message:
+    """Role, hash, per-block detail and conversation key of one message (`data`: its canonical bytes)."""
+    if data is None:
+        data = canonical_dump(message)
     h = short_sha(data)
     with _CACHE_LOCK:
         hit = _MESSAGE_CACHE.get(h)
@@ -346,8 +362,9 @@ def _markers(value: Any, path: str, out: list[Any]) -> None:
             _markers(v, f"{path}[{i}]", out)
 
 
-def detail(parts: Parts, body: Any = None) -> Detail:
-    """Per-block hashes of a request's parts; `body` (the normalised body) adds system cache markers."""
+def detail(parts: Parts, body: Any = None, message_bytes: list[bytes] | None = None) -> Detail:
+    """Per-block hashes of a request's parts; `body` (the normalised body) adds system cache markers;
+    `message_bytes` are the messages' canonical bytes when the caller has them (`Fingerprint.message_bytes`)."""
     system = tuple(
         Block("text", short_sha(t.encode("utf-8", "surrogatepass")), len(t), tuple(volatile_masks(t).items()))
         for t in parts.system
@@ -356,7 +373,9 @@ def detail(parts: Parts, body: Any = None) -> Detail:
     tools = tuple(
         (name, short_sha(data), len(data)) for name, data in zip(parts.tool_names, tool_data, strict=True)
     )
-    messages = tuple(message_detail(m) for m in parts.messages)
+    if message_bytes is None or len(message_bytes) != len(parts.messages):
+        message_bytes = [canonical_dump(m) for m in parts.messages]
+    messages = tuple(message_detail(m, d) for m, d in zip(parts.messages, message_bytes, strict=True))
     system_key = short_sha(canonical_dump([mask_all(t) for t in parts.system]))
     markers: list[Any] = []
     if isinstance(body, dict) and isinstance(body.get("system"), list):

@@ -53,6 +53,7 @@ class Result:
     shape: Shape | None = None
     body: dict[str, Any] | None = None  # the normalised body (as forwarded)
     fingerprint: Fingerprint | None = None
+    parts: shapes.Parts | None = None  # what the fingerprint hashed
     warning: str | None = None
     original_body: dict[str, Any] | None = field(default=None, repr=False)
 
@@ -158,9 +159,10 @@ def _normalise(
         record["passthrough"] = True
     if session:
         record["session"] = fingerprint_session(session)
-    fp = fingerprint(shapes.parts(api, body))
+    parts = shapes.parts(api, body)
+    fp = fingerprint(parts)
     record.update(fp.as_record())
-    return Result(forward, record, shape, body, fp, original_body=doc.value)
+    return Result(forward, record, shape, body, fp, parts, original_body=doc.value)
 
 
 def fingerprint_session(session: str) -> str:

@@ -50,6 +50,7 @@ ACTIONS = ("drop", "pin", "mask", "sticky", "sort")
 ROLES = ("user", "assistant", "tool", "*")
 BILLING_MODES = ("drop", "pin", "off")
 DEFAULT_MASK = "[masked]"
+MAX_PASSES = 4  # text rules run over a text until it stops changing (each rule is idempotent)
 STICKY_CAP = 10_000  # remembered first values (session, rule, group); least recently used go first
 
 
@@ -516,18 +517,26 @@ def apply(
     text_rules = [
         r for r in active if r.matcher is not None and r.action != "sort" and "tools" not in r.scopes
     ]
+    leads: dict[JsonPath, bool] = {}  # per container: every text before this one is being removed
     for slot in shape.slots:
+        container = (slot.block or slot.path)[:-1]
+        lead = slot.lead or leads.get(container, False)
+        rules_here = [r for r in text_rules if _in_scope(r, slot)]
         text = slot.text
-        for rule in text_rules:
-            if _in_scope(rule, slot):
-                text, n = _edit_text(rule, text, slot.lead, session, sticky)
+        for _ in range(MAX_PASSES):  # until no rule changes the text: one rule may expose work for another
+            before = text
+            for rule in rules_here:
+                text, n = _edit_text(rule, text, lead, session, sticky)
                 out.fired[rule.name] += n
+            if text == before:
+                break
+        removed = slot.scope == "system" and slot.block is not None and not text.strip() and text != slot.text
+        leads[container] = lead and removed
         if text == slot.text:
             continue
-        if slot.scope == "system" and slot.block is not None and not text.strip():
-            out.edits.append(Delete(slot.block))
-        else:
-            out.edits.append(Replace(slot.path, text))
+        out.edits.append(
+            Delete(slot.block) if removed and slot.block is not None else Replace(slot.path, text)
+        )
     # Path rules, then tools rules, each on the body as the rules before it left it; their edits are mapped
     # back to the original body's indices (earlier rules may have deleted array elements).
     for kind in ("path:", "tools"):
