@@ -263,3 +263,12 @@ def test_regex_rules_match_around_lone_surrogates() -> None:
     run(body, on("date"), sticky=memory)
     later = {"system": "a", "messages": [{"role": "user", "content": "\ud800 Today's date is 2026-11-30. x"}]}
     assert run(later, on("date"), sticky=memory)[0] == body
+
+
+def test_slot_scopes_name_what_enabled_text_rules_read() -> None:
+    assert rl.slot_scopes(rl.builtin_rules()) == {"system"}
+    assert rl.slot_scopes(on("date", "resume")) == {"system", "user"}
+    assert rl.slot_scopes(on("tool_order", "user_id", "cache_control")) == {"system"}
+    assert rl.slot_scopes(rl.builtin_rules("off")) == set()
+    anyrole = rl.make_rule({"name": "x", "scope": "messages:*", "match": "a", "action": "drop"})
+    assert rl.slot_scopes([anyrole]) is None

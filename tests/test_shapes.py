@@ -157,3 +157,29 @@ def test_tool_name() -> None:
     assert shapes.tool_name({"name": "a"}) == "a"
     assert shapes.tool_name({"function": {"name": "b"}}) == "b"
     assert shapes.tool_name("x") == "" and shapes.tool_name({"name": 3}) == ""
+
+
+def test_scopes_limit_the_slots_to_what_rules_read() -> None:
+    body = {
+        "system": "s",
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "tool_result", "content": "t"}, {"type": "text", "text": "u"}],
+            },
+            {"role": "assistant", "content": "a"},
+            {"role": "system", "content": "inline"},
+        ],
+    }
+
+    def scopes_of(wanted: frozenset[str] | None) -> list[str]:
+        shape = shapes.detect("/v1/messages", body, wanted)
+        assert shape is not None
+        return [s.scope for s in shape.slots]
+
+    assert scopes_of(None) == ["system", "tool", "user", "assistant", "system"]
+    assert scopes_of(frozenset({"system"})) == ["system", "system"]
+    assert scopes_of(frozenset({"system", "assistant"})) == ["system", "assistant", "system"]
+    assert scopes_of(frozenset({"tool"})) == scopes_of(None)  # tool results sit inside user messages
+    with pytest.raises(ShapeError):  # bad shapes are still refused, whatever is read
+        shapes.detect("/v1/messages", {"messages": ["x"]}, frozenset({"system"}))

@@ -19,7 +19,10 @@ null verdict (they are never compared and never a baseline).
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import threading
+from collections.abc import Iterator
 from collections.abc import Mapping
 from difflib import SequenceMatcher
 from typing import Any
@@ -113,6 +116,12 @@ class Analyzer:
         self, method: str, host: str, path: str, raw: bytes, headers: Mapping[str, str] | None = None
     ) -> pipeline.Result | None:
         """`pipeline.process`, then the stream fields added to the record (not for bodies left alone)."""
+        with _gc_paused():  # the parsed body holds no cycles; collections it would trigger cost ~15 %
+            return self._request(method, host, path, raw, headers)
+
+    def _request(
+        self, method: str, host: str, path: str, raw: bytes, headers: Mapping[str, str] | None
+    ) -> pipeline.Result | None:
         result = pipeline.process(method, host, path, raw, self.settings, headers or {}, self.sticky)
         if result is None or result.warning or result.body is None or result.fingerprint is None:
             return result
@@ -218,6 +227,17 @@ class SSEFeed:
         except Exception:
             ev = None
         return self.analyzer._complete(self.record, ev)
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 # --- the before-state the content view shows -----------------------------------------------------------

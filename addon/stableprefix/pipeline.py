@@ -8,6 +8,7 @@ original bytes.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
 import json
 from collections.abc import Mapping
@@ -26,6 +27,7 @@ from stableprefix.rules import Rule
 from stableprefix.rules import StickyMemory
 from stableprefix.rules import apply
 from stableprefix.rules import builtin_rules
+from stableprefix.rules import slot_scopes as rules_slot_scopes
 from stableprefix.shapes import Shape
 
 #: Anthropic's first-party API: rewriting there breaks subscription recognition and gains nothing.
@@ -38,6 +40,12 @@ class Settings:
     rules: tuple[Rule, ...] = tuple(builtin_rules())
     observe: bool = False  # hash and log, rewrite nothing
     passthrough: tuple[str, ...] = DEFAULT_PASSTHROUGH
+
+    @functools.cached_property
+    def slot_scopes(self) -> frozenset[str] | None:
+        """The text scopes the enabled rules read ("system" always: the record's billing fields come from it)."""
+        scopes = rules_slot_scopes(self.rules)
+        return None if scopes is None else scopes | {"system"}
 
     def is_passthrough(self, host: str) -> bool:
         host = host.lower().rstrip(".")
@@ -113,7 +121,7 @@ def process(
     }
     try:
         doc = Document.parse(raw)
-        shape = shapes.detect(path, doc.value)
+        shape = shapes.detect(path, doc.value, settings.slot_scopes)
     except (ValueError, RecursionError) as e:
         reason = f"{type(e).__name__}: {e}" if not isinstance(e, UnicodeDecodeError) else "body is not UTF-8"
         record["error"] = reason[:200]

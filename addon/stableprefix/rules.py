@@ -459,6 +459,21 @@ class Outcome:
     fired: Counter[str] = field(default_factory=Counter)
 
 
+def slot_scopes(rules: Iterable[Rule]) -> frozenset[str] | None:
+    """The text-slot scopes the enabled rules read ("system", roles), so shapes need not list the rest;
+    None when a rule reads every role."""
+    out: set[str] = set()
+    for r in rules:
+        if not r.enabled or r.matcher is None or "tools" in r.scopes:
+            continue
+        for s in r.scopes:
+            if s == "messages:*":
+                return None
+            if s == "system" or s.startswith("messages:"):
+                out.add(s.split(":", 1)[-1])
+    return frozenset(out)
+
+
 def _in_scope(rule: Rule, slot: TextSlot) -> bool:
     for s in rule.scopes:
         if s == "system" and slot.scope == "system":

@@ -92,12 +92,13 @@ def api_for_path(path: str) -> Api | None:
     return None
 
 
-def detect(path: str, body: dict[str, Any]) -> Shape | None:
-    """The shape of a parsed request body; None for an unknown path, ShapeError for a known path with a bad body."""
+def detect(path: str, body: dict[str, Any], scopes: frozenset[str] | None = None) -> Shape | None:
+    """The shape of a parsed request body; None for an unknown path, ShapeError for a known path with a bad
+    body. With `scopes`, only messages of those scopes (roles, "system") get text slots."""
     api = api_for_path(path)
     if api is None:
         return None
-    return Shape(api, body, list(_SLOTS[api](body)))
+    return Shape(api, body, list(_SLOTS[api](body, scopes)))
 
 
 def _req(cond: bool, what: str) -> None:
@@ -106,6 +107,12 @@ def _req(cond: bool, what: str) -> None:
 
 
 # --- text slots -------------------------------------------------------------------------------------
+
+
+def _wanted(scope: str, scopes: frozenset[str] | None) -> bool:
+    """Whether a message of `scope` may hold a slot in `scopes` (None: all). Tool results sit in user
+    messages (Anthropic), so wanting "tool" means walking every message."""
+    return scopes is None or scope in scopes or "tool" in scopes
 
 
 def _content_slots(content: Any, base: JsonPath, scope: str, message: JsonPath) -> Iterator[TextSlot]:
@@ -129,7 +136,7 @@ def _content_slots(content: Any, base: JsonPath, scope: str, message: JsonPath) 
             yield from _content_slots(block.get("content"), (*base, j, "content"), "tool", (*base, j))
 
 
-def _anthropic_slots(body: dict[str, Any]) -> Iterator[TextSlot]:
+def _anthropic_slots(body: dict[str, Any], scopes: frozenset[str] | None) -> Iterator[TextSlot]:
     messages: Any = body.get("messages")
     _req(isinstance(messages, list), "messages is not a list")
     system = body.get("system")
@@ -148,20 +155,22 @@ def _anthropic_slots(body: dict[str, Any]) -> Iterator[TextSlot]:
         _req(isinstance(m, dict), f"messages[{k}] is not an object")
         role = m.get("role")
         scope = "system" if role == "system" else str(role)
-        yield from _content_slots(m.get("content"), ("messages", k, "content"), scope, ("messages", k))
+        if _wanted(scope, scopes):
+            yield from _content_slots(m.get("content"), ("messages", k, "content"), scope, ("messages", k))
 
 
-def _openai_chat_slots(body: dict[str, Any]) -> Iterator[TextSlot]:
+def _openai_chat_slots(body: dict[str, Any], scopes: frozenset[str] | None) -> Iterator[TextSlot]:
     messages: Any = body.get("messages")
     _req(isinstance(messages, list), "messages is not a list")
     for k, m in enumerate(messages):
         _req(isinstance(m, dict), f"messages[{k}] is not an object")
         role = m.get("role")
         scope = "system" if role in SYSTEM_ROLES else str(role)
-        yield from _content_slots(m.get("content"), ("messages", k, "content"), scope, ("messages", k))
+        if _wanted(scope, scopes):
+            yield from _content_slots(m.get("content"), ("messages", k, "content"), scope, ("messages", k))
 
 
-def _openai_responses_slots(body: dict[str, Any]) -> Iterator[TextSlot]:
+def _openai_responses_slots(body: dict[str, Any], scopes: frozenset[str] | None) -> Iterator[TextSlot]:
     instructions = body.get("instructions")
     if isinstance(instructions, str):
         yield TextSlot(("instructions",), instructions, "system", ("instructions",), lead=True)
@@ -175,12 +184,13 @@ def _openai_responses_slots(body: dict[str, Any]) -> Iterator[TextSlot]:
         role = item.get("role")
         if role is not None:
             scope = "system" if role in SYSTEM_ROLES else str(role)
-            yield from _content_slots(item.get("content"), ("input", k, "content"), scope, ("input", k))
+            if _wanted(scope, scopes):
+                yield from _content_slots(item.get("content"), ("input", k, "content"), scope, ("input", k))
         elif item.get("type") == "function_call_output" and isinstance(item.get("output"), str):
             yield TextSlot(("input", k, "output"), item["output"], "tool", None)
 
 
-def _ollama_generate_slots(body: dict[str, Any]) -> Iterator[TextSlot]:
+def _ollama_generate_slots(body: dict[str, Any], scopes: frozenset[str] | None) -> Iterator[TextSlot]:
     if isinstance(body.get("system"), str):
         yield TextSlot(("system",), body["system"], "system", ("system",), lead=True)
     if isinstance(body.get("prompt"), str):
