@@ -23,6 +23,7 @@ process after 10,000 distinct streams (one ``X-Claude-Code-Session-Id`` each).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import hashlib
 import http.client
@@ -39,6 +40,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler
 from http.server import ThreadingHTTPServer
@@ -48,6 +50,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "addon"))
 
 from stableprefix import fingerprint  # noqa: E402
+from stableprefix import jsonedit  # noqa: E402
 from stableprefix import launch  # noqa: E402
 from stableprefix import pipeline  # noqa: E402
 from stableprefix import rules as rulelib  # noqa: E402
@@ -334,7 +337,8 @@ class Bench:
         header = (
             "| body | "
             + " | ".join(f"floor: {n}" for n, _ in floors)
-            + " | process, billing only | process, all rules | hook, new conversation | hook, next turn |"
+            + " | process, billing only | same without orjson | process, all rules | hook, new conversation"
+            + " | hook, next turn |"
         )
         self.out(header)
         self.out("|" + "---|" * (header.count("|") - 1))
@@ -362,6 +366,9 @@ class Bench:
                     return pipeline.process("POST", "127.0.0.1", "/v1/messages", raw, settings, HDRS, st)
 
                 cells.append(timed(proc))
+                if settings is billing and orjson is not None:
+                    with _without_orjson():
+                        without = timed(proc)
             # what the addon's request hook runs: pipeline + per-block detail + stream tracking
             seen = Analyzer(billing)
 
@@ -371,6 +378,8 @@ class Bench:
             def hook_next(raw: bytes, seen: Analyzer = seen) -> Any:
                 return _hook(seen, raw)
 
+            if orjson is not None:
+                cells.insert(len(floors) + 1, without)
             cells.append(timed(hook_new, reps=max(3, reps // 4)))
             cells.append(timed(hook_next))
             self.out(f"| {fmt_size(size)} | " + " | ".join(f"{c * 1000 / mb:.2f}" for c in cells) + " |")
@@ -496,6 +505,17 @@ class Bench:
             f"| {n} | {before / 1024:.1f} MB | {after / 1024:.1f} MB | {(after - before) / 1024:+.1f} MB "
             f"| {n / elapsed:.0f} |"
         )
+
+
+@contextlib.contextmanager
+def _without_orjson() -> Iterator[None]:
+    """The core's json-only paths (same bytes, slower): shows what orjson buys."""
+    saved = fingerprint.orjson, jsonedit.orjson
+    fingerprint.orjson = jsonedit.orjson = None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        fingerprint.orjson, jsonedit.orjson = saved
 
 
 def _hook(analyzer: Analyzer, raw: bytes) -> Any:
