@@ -300,8 +300,27 @@ def test_streamed_request_body_is_skipped(caplog: pytest.LogCaptureFixture) -> N
         f = make_flow(SESSION.request(1))
         f.request.stream = True
         a.request(f)
-        assert META_KEY not in f.metadata
+        assert "streamed" in f.metadata[META_KEY]["error"] and f.metadata[META_KEY]["rewritten"] is False
     assert len(warnings(caplog)) == 1 and "streamed" in warnings(caplog)[0]
+
+
+def test_undecodable_body_gets_a_record_like_other_bad_bodies(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    log = tmp_path / "log.jsonl"
+    a = StablePrefix()
+    with taddons.context(a) as tctx:
+        tctx.configure(a, stableprefix_log=str(log))
+        f = make_flow(SESSION.request(1))
+        f.request.headers["content-encoding"] = "gzip"  # the body is not gzip
+        raw_before = f.request.raw_content
+        a.request(f)
+        f.response = http.Response.make(200, b"{}", {"content-type": "application/json"})
+        a.response(f)
+        assert f.request.raw_content == raw_before
+    (record,) = [json.loads(line) for line in log.read_text().splitlines()]
+    assert record["error"] == "cannot decode body (Content-Encoding 'gzip')" and record["status"] == 200
+    assert len(warnings(caplog)) == 1
 
 
 def test_count_tokens(tmp_path: Path) -> None:

@@ -275,19 +275,13 @@ class StablePrefix:
         self._maybe_reload_rules()
         extra = {"client": flow.client_conn.peername}
         if req.stream or req.raw_content is None:
-            logger.warning(
-                "stableprefix: request body was streamed (stream_large_bodies); not normalised", extra=extra
-            )
+            self._left_alone(flow, "request body was streamed (stream_large_bodies); not normalised", extra)
             return
         try:
             raw = req.get_content(strict=True) or b""
         except ValueError:  # mitmproxy's message quotes body bytes: name the encoding only
             encoding = req.headers.get("content-encoding", "")
-            logger.warning(
-                f"stableprefix: left {req.path.split('?')[0]} unchanged: cannot decode body "
-                f"(Content-Encoding {encoding!r})",
-                extra=extra,
-            )
+            self._left_alone(flow, f"cannot decode body (Content-Encoding {encoding!r})", extra)
             return
         result = self._guard(lambda: self.analyzer.request(req.method, req.host, req.path, raw, req.headers))
         if result is None:
@@ -305,6 +299,17 @@ class StablePrefix:
         flow.metadata[META_KEY] = record
         self._pending[flow.id] = record
         self._notices()
+
+    def _left_alone(self, flow: http.HTTPFlow, reason: str, extra: dict[str, Any]) -> None:
+        """A handled request the addon could not read: one warning, and a record saying why."""
+        req = flow.request
+        path = req.path.split("?")[0]
+        logger.warning(f"stableprefix: left {path} unchanged: {reason}", extra=extra)
+        api = pipeline.shapes.api_for_path(req.path)
+        record = {"ts": round(time.time(), 3), "id": flow.id, "host": req.host, "path": path, "api": str(api),
+                  "rewritten": False, "error": reason}  # fmt: skip
+        flow.metadata[META_KEY] = record
+        self._pending[flow.id] = record
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         record = self._pending.get(flow.id)

@@ -74,7 +74,7 @@ class _Handler(BaseHTTPRequestHandler):
         rec = Received("POST", self.path, {k.lower(): v for k, v in self.headers.items()}, raw)
         try:
             body = json.loads(rec.decoded())
-        except (ValueError, OSError, zlib.error):
+        except (ValueError, OSError, zlib.error, RecursionError):
             body = None
         prompt = _prompt_text(body)
         with self.state.lock:
