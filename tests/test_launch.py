@@ -48,3 +48,16 @@ def test_proxy_reports_a_script_that_never_became_active(tmp_path: Path) -> None
     args = launch.command(confdir=tmp_path, extra=["--set", "stableprefix_observe=yes"])
     with pytest.raises(RuntimeError, match="did not become ready"):
         launch.Proxy(args, timeout=8)
+
+
+def test_terminate_kills_what_ignores_sigterm() -> None:
+    import subprocess
+    import sys
+    import time
+
+    code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(60)"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "up"
+    start = time.monotonic()
+    assert launch.terminate(proc, grace=0.5) == -9
+    assert time.monotonic() - start < 5

@@ -336,13 +336,7 @@ class Supervisor:
         finally:
             if self._timer:
                 self._timer.cancel()
-            if self.proc.poll() is None:
-                os.kill(self.proc.pid, signal.SIGTERM)
-                try:
-                    self.proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    os.kill(self.proc.pid, signal.SIGKILL)
-                    self.proc.wait()
+            launch.terminate(self.proc)
             for s, h in previous.items():
                 signal.signal(s, h)
         if code < 0:  # killed by a signal: report it the way a shell does

@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 ADDON = Path(__file__).with_name("addon.py")
 LISTEN_RE = re.compile(r"listening at (?:\*|\[[^\]]*\]|[\w.:-]+?):(\d+)\.?\s*$")
@@ -33,6 +34,17 @@ def executable(tool: str) -> str:
     if found is None:
         raise FileNotFoundError(f"{tool} not found next to {sys.executable} or on PATH")
     return found
+
+
+def terminate(proc: subprocess.Popen[Any], grace: float = 10.0) -> int:
+    """Stop a process we started: SIGTERM by pid, SIGKILL after `grace` seconds; its exit status."""
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+    return proc.wait()
 
 
 def command(
@@ -121,13 +133,7 @@ class Proxy:
 
     def stop(self) -> int:
         """SIGTERM by pid (runs `done`), SIGKILL after 10 s; the exit status."""
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-        code = self.proc.wait()
+        code = terminate(self.proc)
         self._pump_thread.join(5)
         return code
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import signal
 import socket
 import subprocess
 import tempfile
@@ -216,13 +215,7 @@ class LlamaServer:
 
     def stop(self) -> int:
         """SIGTERM by pid, SIGKILL after 15 s; the exit status. The log file is removed."""
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-        code = self.proc.wait()
+        code = launch.terminate(self.proc, grace=15)
         self.log.close()
         Path(self.log.name).unlink(missing_ok=True)
         return code
