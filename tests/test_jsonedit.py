@@ -10,7 +10,6 @@ from stableprefix.jsonedit import NotAnObject
 from stableprefix.jsonedit import Replace
 from stableprefix.jsonedit import apply_edits
 from stableprefix.jsonedit import dumps
-from stableprefix.jsonedit import get
 
 RAW = '{ "b": 1.50, "a": [ {"x": "\\u00e9"} , {"y": 1E5}, 3 ] ,"s":"keep\\/me", "z": {"k": [1,2]} }'
 
@@ -88,7 +87,3 @@ def test_bad_documents_raise_value_error(raw: bytes) -> None:
 def test_not_an_object_is_its_own_error() -> None:
     with pytest.raises(NotAnObject):
         Document.parse(b" [ ] ")
-
-
-def test_get() -> None:
-    assert get({"a": [{"b": 2}]}, ("a", 0, "b")) == 2

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 _PAIRS = r"(?:[ \t]*[A-Za-z0-9_-]+=[^;\r\n]*;)*"
 _LINE = r"[ \t]*x-anthropic-billing-header:" + _PAIRS + r"[ \t]*(?:\r?\n)*"
-#: A leading header line plus the line breaks that join it to the text after it.
-HEADER = re.compile(r"\A" + _LINE)
-_HEADER_AT = re.compile(_LINE)  # used with .match(text, pos): anchored at pos
+#: A header line plus the line breaks that join it to the text after it; used with .match(text, pos),
+#: so it is anchored where a header may start (the start of a text, or the end of a header before it).
+HEADER = re.compile(_LINE)
 _PAIR = re.compile(r"[ \t]*(?P<key>[A-Za-z0-9_-]+)=(?P<value>[^;\r\n]*);")
 _VERSION = re.compile(r"\d+\.\d+\.\d+")
 
@@ -38,7 +38,7 @@ class Header:
 
 def find(text: str, start: int = 0) -> Header | None:
     """The billing header that begins exactly at `start` (default: the start of `text`), if there is one."""
-    m = _HEADER_AT.match(text, start)
+    m = HEADER.match(text, start)
     if m is None:
         return None
     fields: dict[str, str] = {}

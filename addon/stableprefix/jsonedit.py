@@ -263,13 +263,6 @@ def _splice(text: str, ops: list[tuple[int, int, str]]) -> str:
     return "".join(out)
 
 
-def get(value: Any, path: JsonPath) -> Any:
-    """The value at `path`; KeyError/IndexError/TypeError when it does not exist."""
-    for k in path:
-        value = value[k]
-    return value
-
-
 def apply_edits(value: Any, edits: Iterable[Edit]) -> Any:
     """The same edits as `Document.edited`, on a parsed value. Copies only the containers on edited paths."""
     return _apply(value, _trie(edits))

@@ -58,7 +58,6 @@ class Result:
 
     forward: bytes | None
     record: dict[str, Any]
-    shape: Shape | None = None
     body: dict[str, Any] | None = None  # the normalised body (as forwarded)
     fingerprint: Fingerprint | None = None
     parts: shapes.Parts | None = None  # what the fingerprint hashed
@@ -131,9 +130,7 @@ def process(
         return _normalise(doc, shape, host, record, settings, headers or {}, sticky)
     except Exception as e:  # a bug must never cost a request: forward the original bytes, say why once
         record["error"] = f"internal error ({type(e).__name__})"  # its message could quote prompt text
-        return Result(
-            None, record, shape, doc.value, warning=f"left {record['path']} unchanged: {record['error']}"
-        )
+        return Result(None, record, doc.value, warning=f"left {record['path']} unchanged: {record['error']}")
 
 
 def _normalise(
@@ -170,16 +167,12 @@ def _normalise(
     parts = shapes.parts(api, body)
     fp = fingerprint(parts)
     record.update(fp.as_record())
-    return Result(forward, record, shape, body, fp, parts, original_body=doc.value)
+    return Result(forward, record, body, fp, parts, original_body=doc.value)
 
 
 def fingerprint_session(session: str) -> str:
     """A short hash of the session id: groups requests without logging the id itself."""
     return hashlib.sha256(session.encode()).hexdigest()[:12]
-
-
-def short(h: str) -> str:
-    return h[:12]
 
 
 def rules_summary(rules: Sequence[Rule]) -> str:

@@ -58,10 +58,6 @@ class Shape:
     body: dict[str, Any]
     slots: list[TextSlot] = field(default_factory=list)
 
-    @property
-    def is_count_tokens(self) -> bool:
-        return self.api is Api.ANTHROPIC_COUNT
-
 
 SYSTEM_ROLES = frozenset({"system", "developer"})
 _PARAMS: dict[Api, tuple[str, ...]] = {
