@@ -474,8 +474,25 @@ def test_error_hook_writes_the_record(tmp_path: Path, caplog: pytest.LogCaptureF
         a.error(f)
         a.error(f)
     (r,) = records(log)
-    assert r["status"] is None and r["error"].startswith("no response: ") and r["miss"] is None
-    assert infos(caplog)[0].endswith("first 1 msgs, no response (anthropic-messages, changed billing=1)")
+    # no response started: mitmproxy answers the client 502, and the record and the warning say so
+    assert r["status"] == 502 and r["error"] == "no response: error; the proxy answered 502"
+    assert r["miss"] is None
+    assert warnings(caplog)[-1].endswith(
+        "first 1 msgs, no response: error; the proxy answered 502 (anthropic-messages, changed billing=1)"
+    )
+
+
+def test_client_that_left_gets_no_status(tmp_path: Path) -> None:
+    log = tmp_path / "log.jsonl"
+    a = StablePrefix()
+    with taddons.context(a) as tctx:
+        tctx.configure(a, stableprefix_log=str(log))
+        f = make_flow(SESSION.request(1))
+        a.request(f)
+        f.error = tflow.terr("Client disconnected.")
+        a.error(f)
+    (r,) = records(log)
+    assert r["status"] is None and r["error"] == "no response: Client disconnected."
 
 
 def test_interrupted_sse_keeps_the_evidence_seen(tmp_path: Path) -> None:

@@ -263,6 +263,12 @@ def test_error_record() -> None:
     out = a.error(record, "Connection refused")
     assert out["status"] is None and out["error"] == "no response: Connection refused"
     assert (out["miss"], out["cached_tokens"], out["evidence"]) == (None, None, None)
+    record = send(a, SESSION.request(2)).record
+    out = a.error(record, "server closed connection", 502)
+    assert (
+        out["status"] == 502
+        and out["error"] == "no response: server closed connection; the proxy answered 502"
+    )
 
 
 # --- before-state ------------------------------------------------------------------------------------------

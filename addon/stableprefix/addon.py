@@ -353,7 +353,9 @@ class StablePrefix:
             self._guard(feed.finish)
             record.setdefault("error", f"response interrupted: {msg}"[:200])
         else:
-            self._guard(lambda: self.analyzer.error(record, msg))
+            # No response started: unless the client itself went away, mitmproxy answers it with a 502.
+            status = None if flow.response is not None or _client_gone(msg) else 502
+            self._guard(lambda: self.analyzer.error(record, msg, status))
         self._finish(flow, record)
 
     def _finish(self, flow: http.HTTPFlow, record: dict[str, Any]) -> None:
@@ -362,7 +364,12 @@ class StablePrefix:
             flow.comment = comment(record)
             if record.get("miss") == "client":
                 flow.marked = MARK
-            logger.info(f"stableprefix: {log_line(record)}", extra={"client": flow.client_conn.peername})
+            level = (
+                logging.WARNING if str(record.get("error", "")).startswith("no response") else logging.INFO
+            )
+            logger.log(
+                level, f"stableprefix: {log_line(record)}", extra={"client": flow.client_conn.peername}
+            )
         self._write(record)
         self._notices()
 
@@ -376,6 +383,11 @@ class StablePrefix:
     def _notices(self) -> None:
         for line in self.analyzer.pop_notices():
             logger.warning(line)
+
+
+def _client_gone(message: str) -> bool:
+    """mitmproxy's error messages for a flow the client ended (no error page is sent then)."""
+    return message.lower().startswith(("client disconnected", "killed"))
 
 
 addons = [StablePrefix()]

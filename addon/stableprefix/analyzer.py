@@ -152,10 +152,12 @@ class Analyzer:
         """A parser to feed a copy of a streamed response's chunks; `finish()` completes `record`."""
         return SSEFeed(self, record, headers or {}, status)
 
-    def error(self, record: dict[str, Any], message: str) -> dict[str, Any]:
-        """Complete the record of a request that never got a response."""
-        record["status"] = None
-        record.setdefault("error", f"no response: {message}"[:200])
+    def error(self, record: dict[str, Any], message: str, status: int | None = None) -> dict[str, Any]:
+        """Complete the record of a request that never got a server response; `status` is what the proxy
+        itself answered the client instead (mitmproxy's 502), None when the client got nothing."""
+        record["status"] = status
+        answered = f"; the proxy answered {status}" if status is not None else ""
+        record.setdefault("error", f"no response: {message}{answered}"[:200])
         record.update(cached_tokens=None, prompt_tokens=None, evidence=None, miss=None)
         return record
 

@@ -70,7 +70,7 @@ def command(
 class Proxy:
     """A running mitmdump or mitmweb subprocess."""
 
-    def __init__(self, args: list[str], wait_for_addon: bool = True, timeout: float = 30.0,
+    def __init__(self, args: list[str], wait_for_addon: bool = True, timeout: float = 90.0,
                  env: dict[str, str] | None = None) -> None:  # fmt: skip
         self.args = args
         self.lines: list[str] = []
@@ -122,7 +122,7 @@ class Proxy:
         with self._lock:
             return "\n".join(self.lines)
 
-    def wait_for(self, text: str, timeout: float = 10.0) -> bool:
+    def wait_for(self, text: str, timeout: float = 60.0) -> bool:
         """True once `text` appears in the output."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

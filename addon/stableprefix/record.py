@@ -76,6 +76,8 @@ def server_text(record: Mapping[str, Any]) -> str:
         return ""
     if record.get("status") is None:
         return "no response"
+    if str(record.get("error", "")).startswith("no response"):
+        return str(record["error"])
     cached, prompt = record.get("cached_tokens"), record.get("prompt_tokens")
     if cached is not None:
         return f"server reused {cached:,}/{prompt:,}" if prompt is not None else f"server reused {cached:,}"

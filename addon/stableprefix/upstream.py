@@ -184,6 +184,13 @@ class _Handler(BaseHTTPRequestHandler):
         self.close_connection = True
 
 
+class _Server(ThreadingHTTPServer):
+    # socketserver's default listen backlog is 5: under a burst of concurrent connections on a loaded
+    # machine the kernel's accept queue overflows and resets connections the proxy already counted as
+    # open, and mitmproxy answers 502 "server closed connection".
+    request_queue_size = 1024
+
+
 class Upstream:
     """Start with `with Upstream() as up:`; `up.url`, `up.received`. TLS when given a cert and key file."""
 
@@ -192,7 +199,7 @@ class Upstream:
     ) -> None:
         self.state = _State()
         handler = type("Handler", (_Handler,), {"state": self.state})
-        self.server = ThreadingHTTPServer((host, 0), handler)
+        self.server = _Server((host, 0), handler)
         self.server.daemon_threads = True
         self.scheme = "http"
         if certfile:

@@ -279,7 +279,7 @@ def test_run_warns_when_mitmproxy_skips_the_addon(clis, tmp_path: Path) -> None:
         "--set", "stableprefix_observe=yes",  # does not parse as a bool: mitmproxy drops the script silently
     )  # fmt: skip
     cli.wait_for("ANTHROPIC_BASE_URL")
-    cli.wait_for("the addon did not report itself active", timeout=20)
+    cli.wait_for("the addon did not report itself active", timeout=60)
     assert cli.stop() == 0
 
 

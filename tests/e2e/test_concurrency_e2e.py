@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -13,14 +14,14 @@ from typing import Any
 
 import pytest
 
-from stableprefix import pipeline
 from stableprefix import samples
 from stableprefix.upstream import Upstream
 from tests.conftest import MitmFactory
 
 pytestmark = pytest.mark.e2e
 
-CONVERSATIONS = 32
+#: scripts/stress_concurrency.py runs this test with more conversations (and repeatedly, under load)
+CONVERSATIONS = int(os.environ.get("STABLEPREFIX_CONVERSATIONS", "32"))
 TURNS = 3
 SESSION_HEADER = "X-Claude-Code-Session-Id"
 
@@ -59,7 +60,10 @@ def test_32_concurrent_sse_conversations(mitm: MitmFactory, upstream: Upstream, 
                 headers = {"content-type": "application/json", SESSION_HEADER: f"conv-{i}"}
                 conn.request("POST", "/v1/messages?beta=true", raw, headers)
                 resp = conn.getresponse()
-                assert resp.status == 200
+                if resp.status != 200:  # name what answered, and why (mitmproxy's error page says)
+                    raise AssertionError(
+                        f"conversation {i} turn {turn}: HTTP {resp.status}: {resp.read()[:300]!r}"
+                    )
                 assert resp.getheader("content-type", "").startswith("text/event-stream")
                 streams[(i, turn)] = resp.read()
                 conn.close()
@@ -67,13 +71,11 @@ def test_32_concurrent_sse_conversations(mitm: MitmFactory, upstream: Upstream, 
             errors.append(e)
 
     threads = [threading.Thread(target=talk, args=(i,)) for i in range(CONVERSATIONS)]
-    t0 = time.monotonic()
     for t in threads:
         t.start()
     for t in threads:
-        t.join(120)
+        t.join(300)
     assert not errors, errors[:3]
-    elapsed = time.monotonic() - t0
 
     # every conversation got its own, complete stream
     assert len(streams) == CONVERSATIONS * TURNS
@@ -84,22 +86,19 @@ def test_32_concurrent_sse_conversations(mitm: MitmFactory, upstream: Upstream, 
         text = "".join(e["delta"]["text"] for e in events if e["type"] == "content_block_delta")
         assert text == "ok done", key
 
-    # the upstream got every request, rewritten exactly as the core rewrites it offline
-    settings = pipeline.Settings()
+    # the upstream got every request with the billing block cut out and nothing else touched: the
+    # client's json.dumps text minus the first system element equals json.dumps of the body without it
     got = {
         r.headers[SESSION_HEADER.lower()] + "|" + str(r.body.count(b'"role"')): r.body
         for r in upstream.received
     }
     assert len(upstream.received) == CONVERSATIONS * TURNS
-    expected: dict[tuple[str, int], dict[str, Any]] = {}
     for i, raws in bodies.items():
         for raw in raws:
-            result = pipeline.process(
-                "POST", "127.0.0.1", "/v1/messages", raw, settings, {SESSION_HEADER: f"conv-{i}"}
-            )
-            assert result is not None and result.forward is not None
-            assert got[f"conv-{i}|{raw.count(b'"role"')}"] == result.forward
-            expected[(result.record["session"], len(result.record["chain"]))] = result.record
+            body = json.loads(raw)
+            assert body["system"][0]["text"].startswith("x-anthropic-billing-header:")
+            del body["system"][0]
+            assert got[f"conv-{i}|{raw.count(b'"role"')}"] == json.dumps(body).encode()
 
     # one record per request, each with the fingerprint computed offline
     def records() -> list[dict[str, Any]]:
@@ -109,24 +108,23 @@ def test_32_concurrent_sse_conversations(mitm: MitmFactory, upstream: Upstream, 
             else []
         )
 
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while len(records()) < CONVERSATIONS * TURNS and time.monotonic() < deadline:
         time.sleep(0.05)
     recs = records()
     assert len(recs) == CONVERSATIONS * TURNS
     assert len({r["id"] for r in recs}) == len(recs)
     for r in recs:
-        want = expected[(r["session"], len(r["chain"]))]
-        assert r["prefix_hash"] == want["prefix_hash"]
-        assert r["chain"] == want["chain"]
-        assert r["removed"] == want["removed"] == {"billing": 1}
-        if "verdict" in r:  # stream tracking (issue 4): turn 1 first, later turns append-only
-            assert r["verdict"] == ("first" if len(r["chain"]) == 1 else "append-only"), r
+        assert r["status"] == 200
+        assert r["removed"] == {"billing": 1}
+        assert r["verdict"] == ("first" if len(r["chain"]) == 1 else "append-only"), r
     # the conversations stay apart: one stream per session, TURNS requests each
     by_stream: dict[str, list[int]] = {}
     for r in recs:
         by_stream.setdefault(str(r.get("stream", r["session"])), []).append(len(r["chain"]))
     assert len(by_stream) == CONVERSATIONS
     assert all(sorted(v) == [1, 3, 5] for v in by_stream.values())
-    assert elapsed < 60
+    # the requests of one conversation share a system/tools prefix hash; the conversations' differ only
+    # by their task text, which is in the messages, so all share one system+tools prefix
+    assert len({(r["system_hash"], r["tools_hash"]) for r in recs}) == 1
     assert proxy.stop() == 0

@@ -140,7 +140,7 @@ def records(log: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines()]
 
 
-def wait_until(check: Any, timeout: float = 10.0) -> bool:
+def wait_until(check: Any, timeout: float = 60.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if check():
@@ -185,10 +185,13 @@ def test_upstream_down(mitm: MitmFactory, faulty: FaultyUpstream, tmp_path: Path
         time.sleep(0.2)
         lines = addon_lines(proxy, client)
         assert len(lines) == 1, lines
+        assert "the proxy answered 502" in lines[0], lines  # never a silent lost turn
     serves(proxy, faulty, faulty.url)
     assert wait_until(lambda: len(records(log)) == 3)
     down = records(log)[:2]
-    assert all(r["status"] is None and "no response" in r["error"] for r in down)
+    # the client got mitmproxy's 502, and the record says so, with the reason
+    assert all(r["status"] == 502 and "no response" in r["error"] for r in down)
+    assert all("the proxy answered 502" in r["error"] for r in down)
     assert records(log)[2]["status"] == 200
     assert proxy.stop() == 0
 
@@ -234,7 +237,7 @@ def test_client_disconnects_during_sse(mitm: MitmFactory, faulty: FaultyUpstream
     assert conn.sock is not None
     conn.sock.shutdown(socket.SHUT_RDWR)
     conn.close()
-    assert faulty.aborted.wait(8), "the proxy kept the upstream stream open after the client left"
+    assert faulty.aborted.wait(60), "the proxy kept the upstream stream open after the client left"
     assert wait_until(lambda: len(records(log)) == 1)
     time.sleep(0.2)
     assert len(addon_lines(proxy, client)) == 1, addon_lines(proxy, client)
@@ -330,7 +333,7 @@ def test_pathological_user_regex_on_a_megabyte_prompt(
     elapsed = time.monotonic() - t0
     conn.close()
     assert resp.status == 200
-    assert elapsed < 5.0, f"{elapsed:.2f} s for a 1 MB prompt"
+    assert elapsed < 60.0, f"{elapsed:.2f} s for a 1 MB prompt"  # backtracking would take hours
     assert faulty.bodies[-1].count(b"a" * 1000) >= 900  # nothing matched: the text went through whole
     serves(proxy, faulty)
 

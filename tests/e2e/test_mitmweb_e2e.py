@@ -90,7 +90,7 @@ def test_mitmweb_shows_verdicts_view_and_commands(mitm: Any, upstream: Upstream,
     turns.append(edited)
     for body in turns:
         send(proxy.port, body)
-    assert proxy.wait_for("stableprefix: main", timeout=10)
+    assert proxy.wait_for("stableprefix: main")
     web = Web(web_port, token)
 
     # unauthenticated requests are refused: the API really is the authenticated one
