@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from stableprefix import llamaserver as ls
+from tests.support import llama as ls
 
 
 def machine() -> str:

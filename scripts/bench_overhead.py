@@ -49,16 +49,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "addon"))
 
-from stableprefix import fingerprint  # noqa: E402
-from stableprefix import jsonedit  # noqa: E402
-from stableprefix import launch  # noqa: E402
-from stableprefix import pipeline  # noqa: E402
-from stableprefix import rules as rulelib  # noqa: E402
-from stableprefix import samples  # noqa: E402
-from stableprefix.analyzer import Analyzer  # noqa: E402
+from stableprefix.cli import process  # noqa: E402
+from stableprefix.core import fingerprint  # noqa: E402
+from stableprefix.core import jsonedit  # noqa: E402
+from stableprefix.core import pipeline  # noqa: E402
+from stableprefix.core import rules as rulelib  # noqa: E402
+from stableprefix.core.analyzer import Analyzer  # noqa: E402
+from stableprefix.demo import samples  # noqa: E402
 
 try:
-    from stableprefix.analyzer import before_state
+    from stableprefix.core.analyzer import before_state
 except ImportError:  # pragma: no cover
     before_state = None  # type: ignore[assignment]
 
@@ -205,17 +205,17 @@ class Bench:
         self.upstream_proc.start()
         self.upstream_port: int = q.get(timeout=30)
         up = f"reverse:http://127.0.0.1:{self.upstream_port}"
-        self.proxies: dict[str, launch.Proxy] = {}
+        self.proxies: dict[str, process.Proxy] = {}
         flags = ["--set", "flow_detail=0"]
-        self.proxies["bare"] = launch.Proxy(
-            launch.command(mode=up, confdir=self.tmp / "c-bare", addon=False, extra=flags),
+        self.proxies["bare"] = process.Proxy(
+            process.command(mode=up, confdir=self.tmp / "c-bare", addon=False, extra=flags),
             wait_for_addon=False,
         )
-        self.proxies["billing"] = launch.Proxy(
-            launch.command(mode=up, confdir=self.tmp / "c-billing", extra=["--set", "flow_detail=0"]),
+        self.proxies["billing"] = process.Proxy(
+            process.command(mode=up, confdir=self.tmp / "c-billing", extra=["--set", "flow_detail=0"]),
         )
-        self.proxies["all"] = launch.Proxy(
-            launch.command(
+        self.proxies["all"] = process.Proxy(
+            process.command(
                 mode=up,
                 confdir=self.tmp / "c-all",
                 extra=["--set", "flow_detail=0", "--set", f"stableprefix_rules={self.rules_file}"],

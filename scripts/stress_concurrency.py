@@ -40,7 +40,7 @@ def run_once(conversations: int) -> tuple[bool, str]:
 def hook_times() -> list[float]:
     """Milliseconds `Analyzer.request` takes for each request of the 32 conversations, in turn order."""
     sys.path.insert(0, str(ROOT))
-    from stableprefix.analyzer import Analyzer
+    from stableprefix.core.analyzer import Analyzer
     from tests.e2e.test_concurrency_e2e import TURNS
     from tests.e2e.test_concurrency_e2e import conversation
 

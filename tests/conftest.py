@@ -19,8 +19,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from stableprefix import launch
-from stableprefix.upstream import Upstream
+from stableprefix.cli import process
+from stableprefix.demo.upstream import Upstream
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -35,21 +35,21 @@ def upstream() -> Iterator[Upstream]:
         yield up
 
 
-MitmFactory = Callable[..., launch.Proxy]
+MitmFactory = Callable[..., process.Proxy]
 
 
 @pytest.fixture
 def mitm(tmp_path: Path) -> Iterator[MitmFactory]:
     """Start real mitmdump processes (free port, temp confdir, addon loaded); all stopped by pid at the end."""
-    started: list[launch.Proxy] = []
+    started: list[process.Proxy] = []
 
     def start(*extra: str, mode: str | None = None, tool: str = "mitmdump", addon: bool = True,
-              wait_for_addon: bool | None = None) -> launch.Proxy:  # fmt: skip
-        args = launch.command(
+              wait_for_addon: bool | None = None) -> process.Proxy:  # fmt: skip
+        args = process.command(
             tool=tool, mode=mode, confdir=tmp_path / f"conf{len(started)}", addon=addon,
             extra=["--set", "flow_detail=0", *extra],
         )  # fmt: skip
-        proxy = launch.Proxy(args, wait_for_addon=addon if wait_for_addon is None else wait_for_addon)
+        proxy = process.Proxy(args, wait_for_addon=addon if wait_for_addon is None else wait_for_addon)
         started.append(proxy)
         return proxy
 

@@ -17,11 +17,11 @@ from mitmproxy.addons import proxyserver
 from mitmproxy.test import taddons
 from mitmproxy.test import tflow
 
-from stableprefix import addon as addon_mod
-from stableprefix import samples
-from stableprefix.addon import StablePrefix
-from stableprefix.record import BEFORE_KEY
-from stableprefix.record import META_KEY
+from stableprefix.core.record import BEFORE_KEY
+from stableprefix.core.record import META_KEY
+from stableprefix.demo import samples
+from stableprefix.mitm import addon as addon_mod
+from stableprefix.mitm.addon import StablePrefix
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SESSION = samples.Session()

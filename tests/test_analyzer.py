@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from stableprefix import analyzer as an
-from stableprefix import pipeline
-from stableprefix import samples
-from stableprefix.analyzer import Analyzer
+from stableprefix.core import analyzer as an
+from stableprefix.core import pipeline
+from stableprefix.core.analyzer import Analyzer
+from stableprefix.demo import samples
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SESSION = samples.Session(task="SENTINEL-TASK-TEXT: fix the parser.")
@@ -289,7 +289,7 @@ def test_before_state_billing_drop() -> None:
 
 
 def test_before_state_billing_pin_names_offset() -> None:
-    from stableprefix import rules
+    from stableprefix.core import rules
 
     a = Analyzer(pipeline.Settings(rules=tuple(rules.builtin_rules("pin"))))
     body = SESSION.request(1)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from stableprefix import billing
+from stableprefix.core import billing
 
 FORMS = [
     "x-anthropic-billing-header: cc_version=2.1.39.c39; cc_entrypoint=cli; cch=56445;",

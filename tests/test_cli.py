@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from stableprefix import cli
-from stableprefix import launch
+from stableprefix.cli import main as cli
+from stableprefix.cli import process
 
 
 def parse(*argv: str) -> tuple[argparse.Namespace, list[str]]:
@@ -32,11 +32,11 @@ def test_plan_reverse_mode(tmp_path: Path) -> None:
     )  # fmt: skip
     cmd, instructions = cli.plan(ns, extra)
     assert cmd == [
-        launch.executable("mitmdump"),
+        process.executable("mitmdump"),
         "--listen-host", "127.0.0.1", "--listen-port", "8787",
         "--mode", "reverse:http://127.0.0.1:8080",
         "--set", f"confdir={tmp_path}",
-        "-s", str(launch.ADDON),
+        "-s", str(process.ADDON),
         "--set", f"stableprefix_log={Path('~/sp.jsonl').expanduser()}",
         "--set", "stableprefix_enable=date", "-w", "flows", "--set", "flow_detail=0",
     ]  # fmt: skip
@@ -50,7 +50,7 @@ def test_plan_web_and_listen_host(tmp_path: Path) -> None:
     ns, extra = parse("run", "--upstream", "https://gpu-box:8443", "--web", "--listen-host", "0.0.0.0",
                       "--port", "9000", "--confdir", str(tmp_path))  # fmt: skip
     cmd, instructions = cli.plan(ns, extra)
-    assert cmd[0] == launch.executable("mitmweb")
+    assert cmd[0] == process.executable("mitmweb")
     assert cmd[1:5] == ["--listen-host", "0.0.0.0", "--listen-port", "9000"]
     assert '      "ANTHROPIC_BASE_URL": "http://127.0.0.1:9000"' in instructions(9000)
 

@@ -10,10 +10,10 @@ from mitmproxy import http
 from mitmproxy.test import taddons
 from mitmproxy.test import tflow
 
-from stableprefix import contentview
-from stableprefix import samples
-from stableprefix.addon import StablePrefix
-from stableprefix.record import META_KEY
+from stableprefix.core.record import META_KEY
+from stableprefix.demo import samples
+from stableprefix.mitm import contentview
+from stableprefix.mitm.addon import StablePrefix
 
 SESSION = samples.Session()
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from stableprefix import evidence
-from stableprefix.evidence import Evidence
-from stableprefix.evidence import SSEParser
+from stableprefix.core import evidence
+from stableprefix.core.evidence import Evidence
+from stableprefix.core.evidence import SSEParser
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

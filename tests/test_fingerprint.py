@@ -10,11 +10,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stableprefix import fingerprint as fpm
-from stableprefix import samples
-from stableprefix import shapes
-from stableprefix.fingerprint import fingerprint
-from stableprefix.shapes import Api
+from stableprefix.core import fingerprint as fpm
+from stableprefix.core import shapes
+from stableprefix.core.fingerprint import fingerprint
+from stableprefix.core.shapes import Api
+from stableprefix.demo import samples
 
 
 def parts(body: dict[str, Any], api: Api = Api.ANTHROPIC) -> shapes.Parts:

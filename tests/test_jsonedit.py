@@ -4,12 +4,12 @@ import json
 
 import pytest
 
-from stableprefix.jsonedit import Delete
-from stableprefix.jsonedit import Document
-from stableprefix.jsonedit import NotAnObject
-from stableprefix.jsonedit import Replace
-from stableprefix.jsonedit import apply_edits
-from stableprefix.jsonedit import dumps
+from stableprefix.core.jsonedit import Delete
+from stableprefix.core.jsonedit import Document
+from stableprefix.core.jsonedit import NotAnObject
+from stableprefix.core.jsonedit import Replace
+from stableprefix.core.jsonedit import apply_edits
+from stableprefix.core.jsonedit import dumps
 
 RAW = '{ "b": 1.50, "a": [ {"x": "\\u00e9"} , {"y": 1E5}, 3 ] ,"s":"keep\\/me", "z": {"k": [1,2]} }'
 

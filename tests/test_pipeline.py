@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from stableprefix import pipeline
-from stableprefix import rules as rulelib
-from stableprefix.pipeline import Settings
+from stableprefix.core import pipeline
+from stableprefix.core import rules as rulelib
+from stableprefix.core.pipeline import Settings
 from tests.conftest import FIXTURES
 from tests.conftest import load_fixture
 

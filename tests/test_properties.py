@@ -31,12 +31,12 @@ from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
 
-from stableprefix import fingerprint
-from stableprefix import jsonedit
-from stableprefix import pipeline
-from stableprefix import rules
-from stableprefix import samples
-from stableprefix import shapes
+from stableprefix.core import fingerprint
+from stableprefix.core import jsonedit
+from stableprefix.core import pipeline
+from stableprefix.core import rules
+from stableprefix.core import shapes
+from stableprefix.demo import samples
 
 settings.register_profile(
     "ci",

@@ -7,8 +7,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from stableprefix import record as rec
-from stableprefix.record import JsonlWriter
+from stableprefix.core import record as rec
+from stableprefix.core.record import JsonlWriter
 
 
 def base(**kw: Any) -> dict[str, Any]:

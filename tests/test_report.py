@@ -32,11 +32,11 @@ from mitmproxy import tcp
 from mitmproxy.io import tnetstring
 from mitmproxy.test import tflow
 
-from stableprefix import cli
-from stableprefix import report
-from stableprefix.reportpage import LOST
-from stableprefix.reportpage import REUSED
-from stableprefix.reportpage import render_html
+from stableprefix.cli import main as cli
+from stableprefix.report import model as report
+from stableprefix.report.html import LOST
+from stableprefix.report.html import REUSED
+from stableprefix.report.html import render_html
 
 FIX = Path(__file__).parent / "fixtures"
 SESSION = FIX / "report_session.jsonl"
@@ -317,7 +317,7 @@ def _recorded_session(turns: int = 3) -> list:
     """HTTP flows as plain `mitmdump -w` records them: Claude-Code-shaped requests, Anthropic usage answers."""
     from mitmproxy import http
 
-    from stableprefix import samples
+    from stableprefix.demo import samples
 
     session = samples.Session()
     flows = []

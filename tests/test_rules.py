@@ -7,11 +7,11 @@ from typing import Any
 
 import pytest
 
-from stableprefix import rules as rl
-from stableprefix import shapes
-from stableprefix.jsonedit import Delete
-from stableprefix.jsonedit import Replace
-from stableprefix.jsonedit import apply_edits
+from stableprefix.core import rules as rl
+from stableprefix.core import shapes
+from stableprefix.core.jsonedit import Delete
+from stableprefix.core.jsonedit import Replace
+from stableprefix.core.jsonedit import apply_edits
 
 H = "x-anthropic-billing-header: cc_version=2.1.39.c39; cc_entrypoint=cli; cch=56445;"
 GIT = "\n\ngitStatus: This is the git status at the start of the conversation. Note\nStatus:\nM a.py"

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import json
 
-from stableprefix import billing
-from stableprefix import samples
+from stableprefix.core import billing
+from stableprefix.demo import samples
 
 
 def test_session_requests_grow_and_only_cch_changes_in_the_prefix() -> None:

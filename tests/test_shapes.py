@@ -4,9 +4,9 @@ from typing import Any
 
 import pytest
 
-from stableprefix import shapes
-from stableprefix.shapes import Api
-from stableprefix.shapes import ShapeError
+from stableprefix.core import shapes
+from stableprefix.core.shapes import Api
+from stableprefix.core.shapes import ShapeError
 
 H = "x-anthropic-billing-header: cc_version=2.1.39.c39; cc_entrypoint=cli; cch=56445;"
 

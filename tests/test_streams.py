@@ -12,13 +12,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stableprefix import pipeline
-from stableprefix import samples
-from stableprefix import shapes
-from stableprefix import streams
-from stableprefix.fingerprint import CLEARED_TOOL_RESULT
-from stableprefix.fingerprint import detail
-from stableprefix.streams import Tracker
+from stableprefix.core import pipeline
+from stableprefix.core import shapes
+from stableprefix.core import streams
+from stableprefix.core.fingerprint import CLEARED_TOOL_RESULT
+from stableprefix.core.fingerprint import detail
+from stableprefix.core.streams import Tracker
+from stableprefix.demo import samples
 
 SESSION = samples.Session()
 GIT_OLD = "Status:\nM src/app.py\n?? notes.txt"

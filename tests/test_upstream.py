@@ -4,7 +4,7 @@ import gzip
 import json
 from typing import Any
 
-from stableprefix.upstream import Upstream
+from stableprefix.demo.upstream import Upstream
 from tests.conftest import post
 
 

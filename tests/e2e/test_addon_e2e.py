@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from stableprefix import launch
-from stableprefix import pipeline
-from stableprefix.upstream import Upstream
+from stableprefix.cli import process
+from stableprefix.core import pipeline
+from stableprefix.demo.upstream import Upstream
 from tests.conftest import FIXTURES
 from tests.conftest import MitmFactory
 from tests.conftest import post
@@ -114,7 +114,7 @@ def test_pin_mode_through_mitmdump(mitm: MitmFactory, upstream: Upstream) -> Non
     ],
 )
 def test_bad_option_stops_startup_naming_it(tmp_path: Path, option: str, message: str) -> None:
-    args = launch.command(confdir=tmp_path, extra=["--set", option])
+    args = process.command(confdir=tmp_path, extra=["--set", option])
     proc = subprocess.run(args, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert message in proc.stdout + proc.stderr
@@ -133,11 +133,11 @@ def test_https_proxy_mode_with_trusted_mitmproxy_ca(tmp_path: Path) -> None:
     cert, key = tls_cert(tmp_path)
     confdir = tmp_path / "conf"
     with Upstream(certfile=str(cert), keyfile=str(key)) as up:
-        args = launch.command(
+        args = process.command(
             confdir=confdir,
             extra=["--set", "flow_detail=0", "--set", f"ssl_verify_upstream_trusted_ca={cert}"],
         )
-        with launch.Proxy(args) as proxy:
+        with process.Proxy(args) as proxy:
             env = {
                 **os.environ,
                 "HTTPS_PROXY": f"http://127.0.0.1:{proxy.port}",
@@ -180,16 +180,16 @@ def test_addon_loads_from_a_plain_checkout_without_the_package(tmp_path: Path, u
 
     copy = tmp_path / "checkout" / "addon"
     shutil.copytree(
-        Path(launch.ADDON).parent, copy / "stableprefix", ignore=shutil.ignore_patterns("__pycache__")
+        Path(process.ADDON).parent, copy / "stableprefix", ignore=shutil.ignore_patterns("__pycache__")
     )
     with (copy / "stableprefix" / "__init__.py").open("a") as f:  # prove the copy is what gets imported
         f.write(
             "\nimport logging\nlogging.getLogger('stableprefix').warning('core loaded from ' + __file__)\n"
         )
-    args = launch.command(mode=f"reverse:{upstream.url}", confdir=tmp_path / "conf", addon=False)
+    args = process.command(mode=f"reverse:{upstream.url}", confdir=tmp_path / "conf", addon=False)
     args += ["-s", str(copy / "stableprefix" / "addon.py"), "--set", "flow_detail=0"]
     env = {"PYTHONPATH": "", "PYTHONNOUSERSITE": "1"}
-    with launch.Proxy(args, env=env) as proxy:
+    with process.Proxy(args, env=env) as proxy:
         assert proxy.port
         post(proxy.port, "/v1/messages", (FIXTURES / "cc_2_1_39_cch.json").read_bytes())
         assert proxy.wait_for("changed billing=1")

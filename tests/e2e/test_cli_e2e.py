@@ -17,10 +17,10 @@ import pytest
 from mitmproxy.io import tnetstring
 from mitmproxy.test import tflow
 
-from stableprefix import launch
-from stableprefix import pipeline
-from stableprefix import samples
-from stableprefix.upstream import Upstream
+from stableprefix.cli import process
+from stableprefix.core import pipeline
+from stableprefix.demo import samples
+from stableprefix.demo.upstream import Upstream
 from tests.conftest import FIXTURES
 from tests.conftest import post
 from tests.conftest import tls_cert
@@ -310,12 +310,12 @@ def test_run_bad_arguments_exit_2(args: list[str], message: str) -> None:
 def test_report_on_a_plain_mitmdump_recording(tmp_path: Path, upstream: Upstream) -> None:
     """Traffic recorded without the addon (`mitmdump -w`) is fingerprinted offline, in observe mode."""
     flows = tmp_path / "session.flows"
-    args = launch.command(
+    args = process.command(
         mode=f"reverse:{upstream.url}", confdir=tmp_path / "conf", addon=False,
         extra=["--set", "flow_detail=0", "-w", str(flows)],
     )  # fmt: skip
     session = samples.Session()
-    with launch.Proxy(args, wait_for_addon=False) as proxy:
+    with process.Proxy(args, wait_for_addon=False) as proxy:
         assert proxy.port
         for turn in (1, 2, 3):
             body = session.request(turn)

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from stableprefix import samples
-from stableprefix.upstream import Upstream
+from stableprefix.demo import samples
+from stableprefix.demo.upstream import Upstream
 from tests.conftest import MitmFactory
 
 pytestmark = pytest.mark.e2e

@@ -24,10 +24,10 @@ from typing import Any
 
 import pytest
 
-from stableprefix import samples
-from stableprefix.fingerprint import CLEARED_TOOL_RESULT
-from stableprefix.upstream import Upstream
-from stableprefix.upstream import _prompt_text
+from stableprefix.core.fingerprint import CLEARED_TOOL_RESULT
+from stableprefix.demo import samples
+from stableprefix.demo.upstream import Upstream
+from stableprefix.demo.upstream import _prompt_text
 
 pytestmark = pytest.mark.e2e
 

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from stableprefix import launch
-from stableprefix import samples
+from stableprefix.cli import process
+from stableprefix.demo import samples
 from tests.conftest import MitmFactory
 
 pytestmark = pytest.mark.e2e
@@ -126,7 +126,7 @@ def connect(port: int) -> tuple[http.client.HTTPConnection, int]:
     return conn, conn.sock.getsockname()[1]
 
 
-def addon_lines(proxy: launch.Proxy, client_port: int) -> list[str]:
+def addon_lines(proxy: process.Proxy, client_port: int) -> list[str]:
     return [
         line
         for line in proxy.output().splitlines()
@@ -149,7 +149,7 @@ def wait_until(check: Any, timeout: float = 60.0) -> bool:
     return bool(check())
 
 
-def serves(proxy: launch.Proxy, faulty: FaultyUpstream, target: str = "") -> None:
+def serves(proxy: process.Proxy, faulty: FaultyUpstream, target: str = "") -> None:
     """The proxy still answers and still rewrites (the billing block is gone upstream)."""
     conn, _ = connect(proxy.port or 0)
     conn.request("POST", f"{target}/v1/messages", body(), {"content-type": "application/json"})
@@ -341,7 +341,7 @@ def test_pathological_user_regex_on_a_megabyte_prompt(
 def test_regex_re2_cannot_run_is_refused_at_start(mitm: MitmFactory, tmp_path: Path) -> None:
     rules = tmp_path / "rules.toml"
     rules.write_text('[[rule]]\nname = "backref"\nscope = "system"\nmatch = "(a)\\\\1"\naction = "drop"\n')
-    args = launch.command(confdir=tmp_path / "c", extra=["--set", f"stableprefix_rules={rules}"])
+    args = process.command(confdir=tmp_path / "c", extra=["--set", f"stableprefix_rules={rules}"])
     with pytest.raises(RuntimeError) as err:
-        launch.Proxy(args, timeout=20)
+        process.Proxy(args, timeout=20)
     assert "backref" in str(err.value) and str(rules) in str(err.value)

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from stableprefix import llamaserver as ls
+from tests.support import llama as ls
 
 pytestmark = [pytest.mark.e2e, pytest.mark.llama, pytest.mark.timeout(600)]
 

@@ -18,11 +18,11 @@ from typing import Any
 import pytest
 from mitmproxy.net import encoding
 
-from stableprefix import launch
-from stableprefix import pipeline
-from stableprefix import rules as rulelib
-from stableprefix import samples
-from stableprefix.upstream import Received
+from stableprefix.cli import process
+from stableprefix.core import pipeline
+from stableprefix.core import rules as rulelib
+from stableprefix.demo import samples
+from stableprefix.demo.upstream import Received
 from tests.conftest import FIXTURES
 from tests.conftest import MitmFactory
 from tests.conftest import post
@@ -89,11 +89,11 @@ def upstream() -> Iterator[RawUpstream]:
     up.stop()
 
 
-def warnings(proxy: launch.Proxy) -> list[str]:
+def warnings(proxy: process.Proxy) -> list[str]:
     return [line for line in proxy.output().splitlines() if WARNING.search(line)]
 
 
-def wait_count(proxy: launch.Proxy, n: int, timeout: float = 10.0) -> list[str]:
+def wait_count(proxy: process.Proxy, n: int, timeout: float = 10.0) -> list[str]:
     """The warning lines once there are at least `n` (and a moment more, so an extra one would show)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and len(warnings(proxy)) < n:

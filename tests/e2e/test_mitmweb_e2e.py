@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from stableprefix import samples
-from stableprefix.upstream import Upstream
+from stableprefix.demo import samples
+from stableprefix.demo.upstream import Upstream
 
 pytestmark = pytest.mark.e2e
 

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from stableprefix.reportpage import LOST
-from stableprefix.reportpage import REPROCESSED
-from stableprefix.reportpage import REUSED
+from stableprefix.report.html import LOST
+from stableprefix.report.html import REPROCESSED
+from stableprefix.report.html import REUSED
 
 pytestmark = pytest.mark.e2e
 

@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 
-from stableprefix import fingerprint
-from stableprefix import pipeline
-from stableprefix import samples
-from stableprefix import shapes
-from stableprefix.upstream import Upstream
+from stableprefix.core import fingerprint
+from stableprefix.core import pipeline
+from stableprefix.core import shapes
+from stableprefix.demo import samples
+from stableprefix.demo.upstream import Upstream
 from tests.conftest import MitmFactory
 from tests.conftest import post
 

@@ -22,12 +22,12 @@ import pytest
 from mitmproxy import http
 from mitmproxy import io as mitmio
 
-from stableprefix import contentview
-from stableprefix import launch
-from stableprefix import samples
-from stableprefix.record import BEFORE_KEY
-from stableprefix.record import META_KEY
-from stableprefix.upstream import Upstream
+from stableprefix.cli import process
+from stableprefix.core.record import BEFORE_KEY
+from stableprefix.core.record import META_KEY
+from stableprefix.demo import samples
+from stableprefix.demo.upstream import Upstream
+from stableprefix.mitm import contentview
 from tests.conftest import MitmFactory
 from tests.conftest import post
 
@@ -78,7 +78,7 @@ def test_no_canary_in_any_output(upstream: Upstream, tmp_path: Path) -> None:
     log, flows = tmp_path / "log.jsonl", tmp_path / "flows.mitm"
     rules_file = tmp_path / "rules.toml"
     rules_file.write_text("[builtins]\ndate = true\nenv_block = true\nuser_id = true\n", encoding="utf-8")
-    args = launch.command(
+    args = process.command(
         mode=f"reverse:{upstream.url}",
         confdir=tmp_path / "conf",
         extra=[
@@ -88,7 +88,7 @@ def test_no_canary_in_any_output(upstream: Upstream, tmp_path: Path) -> None:
             "-w", str(flows),
         ],  # mitmdump's default verbosity (flow_detail=1): one line per flow
     )  # fmt: skip
-    proxy = launch.Proxy(args)
+    proxy = process.Proxy(args)
     try:
         _exercise(proxy, upstream)
     finally:
@@ -96,7 +96,7 @@ def test_no_canary_in_any_output(upstream: Upstream, tmp_path: Path) -> None:
     _search(proxy, log, flows, tmp_path)
 
 
-def _exercise(proxy: launch.Proxy, upstream: Upstream) -> None:
+def _exercise(proxy: process.Proxy, upstream: Upstream) -> None:
     assert proxy.port
     for turn in (1, 2, 3):
         status, _ = post(proxy.port, "/v1/messages?beta=true", planted(turn), headers=CREDENTIALS)
@@ -111,7 +111,7 @@ def _exercise(proxy: launch.Proxy, upstream: Upstream) -> None:
     time.sleep(0.3)
 
 
-def _search(proxy: launch.Proxy, log: Path, flows: Path, tmp_path: Path) -> None:
+def _search(proxy: process.Proxy, log: Path, flows: Path, tmp_path: Path) -> None:
     output = proxy.output()
     assert "stableprefix" in output and "left /v1/messages unchanged" in output
     assert leaks(output) == [], "mitmdump output"

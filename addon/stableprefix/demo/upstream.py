@@ -22,7 +22,7 @@ from http.server import ThreadingHTTPServer
 from os.path import commonprefix
 from typing import Any
 
-from stableprefix.fingerprint import canonical
+from stableprefix.core.fingerprint import canonical
 
 
 @dataclass

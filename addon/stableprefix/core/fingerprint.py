@@ -28,7 +28,7 @@ try:  # optional speed-up; the bytes are the same with or without it (see canoni
 except ImportError:  # pragma: no cover
     orjson = None  # type: ignore[assignment]
 
-from stableprefix.shapes import Parts
+from stableprefix.core.shapes import Parts
 
 CHAIN_HEX = 16  # chain entries are truncated; full digests for the single hashes
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from stableprefix import llamaserver as ls
-from stableprefix import samples
+from stableprefix.demo import samples
+from tests.support import llama as ls
 
 METRICS = """\
 # HELP llamacpp:prompt_tokens_total Number of prompt tokens processed.

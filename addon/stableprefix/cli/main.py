@@ -21,7 +21,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from stableprefix import __version__ as VERSION
-from stableprefix import launch
+from stableprefix.cli import process
 
 DEFAULT_PORT = 8787
 DEFAULT_CONFDIR = "~/.mitmproxy"
@@ -319,12 +319,12 @@ class Supervisor:
             assert self.proc.stdout is not None
             for line in self.proc.stdout:
                 self.say(line.rstrip("\n"))
-                if launch.READY_MARK in line:
+                if process.READY_MARK in line:
                     self.addon_seen = True
                 if (
                     not self.announced
                     and "Web server" not in line
-                    and (m := launch.LISTEN_RE.search(line.rstrip()))
+                    and (m := process.LISTEN_RE.search(line.rstrip()))
                 ):
                     self.announced = True
                     self.say(self.instructions(int(m.group(1))))
@@ -336,7 +336,7 @@ class Supervisor:
         finally:
             if self._timer:
                 self._timer.cancel()
-            launch.terminate(self.proc)
+            process.terminate(self.proc)
             for s, h in previous.items():
                 signal.signal(s, h)
         if code < 0:  # killed by a signal: report it the way a shell does
@@ -372,7 +372,7 @@ def plan(args: argparse.Namespace, extra: list[str]) -> tuple[list[str], Any]:
     if args.log:
         opts += ["--set", f"stableprefix_log={Path(args.log).expanduser()}"]
     try:
-        cmd = launch.command(
+        cmd = process.command(
             tool="mitmweb" if args.web else "mitmdump",
             mode=f"reverse:{args.upstream}" if args.upstream else "regular",
             port=args.port,
@@ -405,14 +405,14 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from stableprefix import report
+    from stableprefix.report import model as report
 
     rep = report.read(args.files, progress=args.progress)
     for p in rep.problems:
         err(str(p))
     code = 0
     if args.html:
-        from stableprefix.reportpage import render_html
+        from stableprefix.report.html import render_html
 
         try:
             Path(args.html).write_text(render_html([("", rep)]), encoding="utf-8")
@@ -459,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "report":
             return cmd_report(args)
         if args.command == "demo":
-            from stableprefix import demo
+            from stableprefix.demo import replay as demo
 
             return demo.main(html=args.html)
     except KeyboardInterrupt:

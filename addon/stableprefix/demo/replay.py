@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stableprefix import launch
-from stableprefix import samples
-from stableprefix.upstream import Upstream
+from stableprefix.cli import process
+from stableprefix.demo import samples
+from stableprefix.demo.upstream import Upstream
 
 
 @dataclass
@@ -53,8 +53,8 @@ def run_arm(observe: bool, turns: list[Turn], workdir: Path) -> list[dict[str, A
     if observe:
         extra += ["--set", "stableprefix_observe=true"]
     with Upstream() as up:
-        args = launch.command(mode=f"reverse:{up.url}", confdir=workdir / "conf", extra=extra)
-        with launch.Proxy(args) as proxy:
+        args = process.command(mode=f"reverse:{up.url}", confdir=workdir / "conf", extra=extra)
+        with process.Proxy(args) as proxy:
             assert proxy.port is not None
             usages = [post(proxy.port, "/v1/messages?beta=true", t.body).get("usage", {}) for t in turns]
     records = [json.loads(line) for line in log.read_text().splitlines()]
@@ -65,8 +65,8 @@ def run_arm(observe: bool, turns: list[Turn], workdir: Path) -> list[dict[str, A
 
 def main(html: str | None = None) -> int:
     """Run both arms, print the hash table and the report of both logs; `html`: also write the page."""
-    from stableprefix import report
-    from stableprefix.reportpage import render_html
+    from stableprefix.report import model as report
+    from stableprefix.report.html import render_html
 
     turns = session_turns()
     with tempfile.TemporaryDirectory(prefix="stableprefix-demo-") as tmp:

@@ -14,7 +14,7 @@ from dataclasses import field
 from enum import StrEnum
 from typing import Any
 
-from stableprefix.jsonedit import JsonPath
+from stableprefix.core.jsonedit import JsonPath
 
 
 class Api(StrEnum):

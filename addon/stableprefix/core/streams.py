@@ -34,10 +34,10 @@ from dataclasses import dataclass
 from dataclasses import field
 from typing import Any
 
-from stableprefix.fingerprint import Block
-from stableprefix.fingerprint import Detail
-from stableprefix.fingerprint import Message
-from stableprefix.shapes import Parts
+from stableprefix.core.fingerprint import Block
+from stableprefix.core.fingerprint import Detail
+from stableprefix.core.fingerprint import Message
+from stableprefix.core.shapes import Parts
 
 STREAM_CAP = 256  # streams remembered (each keeps one request's hashes; a long conversation ~100 KB)
 TEXT_CAP = 512  # distinct system texts kept to name the character offset of a system change

@@ -4,19 +4,19 @@ from pathlib import Path
 
 import pytest
 
-from stableprefix import launch
+from stableprefix.cli import process
 
 
 def test_command_binds_loopback_and_loads_the_addon(tmp_path: Path) -> None:
-    args = launch.command(
+    args = process.command(
         mode="reverse:http://127.0.0.1:8080", port=8787, confdir=tmp_path, extra=["--set", "x=1"]
     )
     assert args[0].endswith("mitmdump")
     assert args[1:5] == ["--listen-host", "127.0.0.1", "--listen-port", "8787"]
     assert args[args.index("--mode") + 1] == "reverse:http://127.0.0.1:8080"
-    assert args[args.index("-s") + 1] == str(launch.ADDON) and launch.ADDON.exists()
+    assert args[args.index("-s") + 1] == str(process.ADDON) and process.ADDON.exists()
     assert f"confdir={tmp_path}" in args and args[-2:] == ["--set", "x=1"]
-    assert "-s" not in launch.command(addon=False)
+    assert "-s" not in process.command(addon=False)
 
 
 @pytest.mark.parametrize(
@@ -29,14 +29,14 @@ def test_command_binds_loopback_and_loads_the_addon(tmp_path: Path) -> None:
     ],
 )
 def test_listen_line(line: str, port: int) -> None:
-    m = launch.LISTEN_RE.search(line)
+    m = process.LISTEN_RE.search(line)
     assert m is not None and int(m.group(1)) == port
 
 
 @pytest.mark.e2e
 def test_proxy_waits_for_the_addon_and_stops_by_pid(tmp_path: Path) -> None:
-    with launch.Proxy(launch.command(confdir=tmp_path)) as proxy:
-        assert proxy.port and launch.READY_MARK in proxy.output()
+    with process.Proxy(process.command(confdir=tmp_path)) as proxy:
+        assert proxy.port and process.READY_MARK in proxy.output()
         pid = proxy.pid
     assert proxy.proc.returncode == 0
     assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
@@ -45,9 +45,9 @@ def test_proxy_waits_for_the_addon_and_stops_by_pid(tmp_path: Path) -> None:
 @pytest.mark.e2e
 def test_proxy_reports_a_script_that_never_became_active(tmp_path: Path) -> None:
     # mitmproxy skips a script whose --set value fails to parse; readiness must not pretend otherwise
-    args = launch.command(confdir=tmp_path, extra=["--set", "stableprefix_observe=yes"])
+    args = process.command(confdir=tmp_path, extra=["--set", "stableprefix_observe=yes"])
     with pytest.raises(RuntimeError, match="did not become ready"):
-        launch.Proxy(args, timeout=8)
+        process.Proxy(args, timeout=8)
 
 
 def test_terminate_kills_what_ignores_sigterm() -> None:
@@ -59,5 +59,5 @@ def test_terminate_kills_what_ignores_sigterm() -> None:
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None and proc.stdout.readline().strip() == "up"
     start = time.monotonic()
-    assert launch.terminate(proc, grace=0.5) == -9
+    assert process.terminate(proc, grace=0.5) == -9
     assert time.monotonic() - start < 5

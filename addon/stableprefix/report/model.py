@@ -205,7 +205,7 @@ class Turn:
         cached = self.server_cached
         if cached is None or self.reusable_chars is None:
             return None
-        from stableprefix.analyzer import expected_cached  # pure: the figure the miss was classified by
+        from stableprefix.core.analyzer import expected_cached  # pure: the figure the miss was classified by
 
         return max(0, expected_cached(self.rec) - cached)
 
@@ -545,8 +545,8 @@ def detect(head: bytes, fo: BinaryIO) -> str:
 
 def new_analyzer() -> Any:
     """The core that fingerprints recorded requests offline, in observe mode (rules report, never rewrite)."""
-    from stableprefix import pipeline
-    from stableprefix.analyzer import Analyzer
+    from stableprefix.core import pipeline
+    from stableprefix.core.analyzer import Analyzer
 
     return Analyzer(pipeline.Settings(observe=True))
 

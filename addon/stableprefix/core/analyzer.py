@@ -27,13 +27,13 @@ from collections.abc import Mapping
 from difflib import SequenceMatcher
 from typing import Any
 
-from stableprefix import evidence
-from stableprefix import fingerprint
-from stableprefix import pipeline
-from stableprefix import shapes
-from stableprefix import streams
-from stableprefix.fingerprint import canonical_bytes
-from stableprefix.rules import StickyMemory
+from stableprefix.core import evidence
+from stableprefix.core import fingerprint
+from stableprefix.core import pipeline
+from stableprefix.core import shapes
+from stableprefix.core import streams
+from stableprefix.core.fingerprint import canonical_bytes
+from stableprefix.core.rules import StickyMemory
 
 #: A server-side miss: the prefix was stable, yet the server reused less than expected by more than
 #: `MISS_SHARE` of the expected tokens and more than `MISS_TOKENS` (Claude Code's own cache-break rule:

@@ -2,7 +2,7 @@
 
 Shared by ``scripts/bench_llama.py`` (prints the tables) and ``tests/e2e/test_llama_e2e.py`` (asserts on
 token counts), so both measure exactly the same thing. Nothing here imports mitmproxy; mitmdump runs as a
-subprocess through `stableprefix.launch`.
+subprocess through `stableprefix.cli.process`.
 
 The server is found through ``LLAMA_SERVER``/``LLAMA_MODEL``, else in the installer's cache
 (``${STABLEPREFIX_CACHE:-~/.cache/stableprefix}/llama``); `install` runs
@@ -28,8 +28,8 @@ from dataclasses import field
 from pathlib import Path
 from typing import Any
 
-from stableprefix import launch
-from stableprefix import samples
+from stableprefix.cli import process
+from stableprefix.demo import samples
 
 MODEL_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALLER = Path(__file__).resolve().parents[2] / "scripts" / "install_llama_server.sh"
@@ -215,7 +215,7 @@ class LlamaServer:
 
     def stop(self) -> int:
         """SIGTERM by pid, SIGKILL after 15 s; the exit status. The log file is removed."""
-        code = launch.terminate(self.proc, grace=15)
+        code = process.terminate(self.proc, grace=15)
         self.log.close()
         Path(self.log.name).unlink(missing_ok=True)
         return code
@@ -227,12 +227,12 @@ class LlamaServer:
         self.stop()
 
 
-def start_proxy(target: str, addon: bool, confdir: Path) -> launch.Proxy:
+def start_proxy(target: str, addon: bool, confdir: Path) -> process.Proxy:
     """Real mitmdump in reverse mode in front of `target`; bare (no addon) when `addon` is False."""
-    args = launch.command(
+    args = process.command(
         mode=f"reverse:{target}", confdir=confdir, addon=addon, extra=["--set", "flow_detail=0"]
     )
-    return launch.Proxy(args, wait_for_addon=addon)
+    return process.Proxy(args, wait_for_addon=addon)
 
 
 # --- request shapes -----------------------------------------------------------------------------

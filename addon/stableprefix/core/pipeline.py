@@ -17,18 +17,18 @@ from dataclasses import dataclass
 from dataclasses import field
 from typing import Any
 
-from stableprefix import billing
-from stableprefix import shapes
-from stableprefix.fingerprint import Fingerprint
-from stableprefix.fingerprint import fingerprint
-from stableprefix.jsonedit import Document
-from stableprefix.jsonedit import apply_edits
-from stableprefix.rules import Rule
-from stableprefix.rules import StickyMemory
-from stableprefix.rules import apply
-from stableprefix.rules import builtin_rules
-from stableprefix.rules import slot_scopes as rules_slot_scopes
-from stableprefix.shapes import Shape
+from stableprefix.core import billing
+from stableprefix.core import shapes
+from stableprefix.core.fingerprint import Fingerprint
+from stableprefix.core.fingerprint import fingerprint
+from stableprefix.core.jsonedit import Document
+from stableprefix.core.jsonedit import apply_edits
+from stableprefix.core.rules import Rule
+from stableprefix.core.rules import StickyMemory
+from stableprefix.core.rules import apply
+from stableprefix.core.rules import builtin_rules
+from stableprefix.core.rules import slot_scopes as rules_slot_scopes
+from stableprefix.core.shapes import Shape
 
 #: Anthropic's first-party API: rewriting there breaks subscription recognition and gains nothing.
 DEFAULT_PASSTHROUGH = ("api.anthropic.com", "*.anthropic.com")

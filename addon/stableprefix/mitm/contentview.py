@@ -15,9 +15,9 @@ from typing import Any
 from mitmproxy import contentviews
 from mitmproxy import http
 
-from stableprefix.record import BEFORE_KEY
-from stableprefix.record import META_KEY
-from stableprefix.record import MISS_WORDS
+from stableprefix.core.record import BEFORE_KEY
+from stableprefix.core.record import META_KEY
+from stableprefix.core.record import MISS_WORDS
 
 BODY_CHARS = 200_000  # the forwarded body is shown pretty-printed up to this size, then cut
 

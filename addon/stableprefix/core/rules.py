@@ -36,15 +36,15 @@ from typing import Protocol
 
 import re2
 
-from stableprefix import billing
-from stableprefix.jsonedit import Delete
-from stableprefix.jsonedit import Edit
-from stableprefix.jsonedit import JsonPath
-from stableprefix.jsonedit import Replace
-from stableprefix.jsonedit import apply_edits
-from stableprefix.shapes import Shape
-from stableprefix.shapes import TextSlot
-from stableprefix.shapes import tool_name
+from stableprefix.core import billing
+from stableprefix.core.jsonedit import Delete
+from stableprefix.core.jsonedit import Edit
+from stableprefix.core.jsonedit import JsonPath
+from stableprefix.core.jsonedit import Replace
+from stableprefix.core.jsonedit import apply_edits
+from stableprefix.core.shapes import Shape
+from stableprefix.core.shapes import TextSlot
+from stableprefix.core.shapes import tool_name
 
 ACTIONS = ("drop", "pin", "mask", "sticky", "sort")
 ROLES = ("user", "assistant", "tool", "*")

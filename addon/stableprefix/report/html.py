@@ -11,18 +11,18 @@ import html
 import math
 import time
 
-from stableprefix.report import REMEDY
-from stableprefix.report import SERVER_REMEDY
-from stableprefix.report import TURN_HEAD
-from stableprefix.report import TURN_RIGHT
-from stableprefix.report import Report
-from stableprefix.report import Stream
-from stableprefix.report import Totals
-from stableprefix.report import Turn
-from stableprefix.report import fmt
-from stableprefix.report import pct
-from stableprefix.report import stream_title
-from stableprefix.report import turn_row
+from stableprefix.report.model import REMEDY
+from stableprefix.report.model import SERVER_REMEDY
+from stableprefix.report.model import TURN_HEAD
+from stableprefix.report.model import TURN_RIGHT
+from stableprefix.report.model import Report
+from stableprefix.report.model import Stream
+from stableprefix.report.model import Totals
+from stableprefix.report.model import Turn
+from stableprefix.report.model import fmt
+from stableprefix.report.model import pct
+from stableprefix.report.model import stream_title
+from stableprefix.report.model import turn_row
 
 REUSED = "#2e7d32"
 REPROCESSED = "#f9a825"

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-ADDON = Path(__file__).with_name("addon.py")
+ADDON = Path(__file__).resolve().parents[1] / "addon.py"  # the `-s` entry: a shim for the mitm face
 LISTEN_RE = re.compile(r"listening at (?:\*|\[[^\]]*\]|[\w.:-]+?):(\d+)\.?\s*$")
 WEB_RE = re.compile(r"Web server listening at https?://[^:/]+:(\d+)")
 READY_MARK = "stableprefix active:"

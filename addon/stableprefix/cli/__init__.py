@@ -1,0 +1,1 @@
+"""The `stableprefix` command: argument parsing, `run` (mitmproxy supervised), `report`, `demo`."""
