@@ -197,7 +197,7 @@ class Bench:
         self.tmp = Path(tempfile.mkdtemp(prefix="stableprefix-bench-"))
         self.rules_file = self.tmp / "all.toml"
         self.rules_file.write_text(
-            "[builtins]\n" + "".join(f"{name} = true\n" for name in rulelib.BUILTIN_NAMES), encoding="utf-8"
+            "[builtins]\n" + "".join(f"{name} = true\n" for name in rulelib.builtin_names()), encoding="utf-8"
         )
         ctx = multiprocessing.get_context("spawn")
         q = ctx.Queue()
@@ -325,7 +325,7 @@ class Bench:
         self.out()
         billing = pipeline.Settings()
         all_rules = pipeline.Settings(
-            rules=tuple(rulelib.switch(rulelib.builtin_rules(), rulelib.BUILTIN_NAMES))
+            rules=tuple(rulelib.switch(rulelib.builtin_rules(), rulelib.builtin_names()))
         )
         floors: list[tuple[str, Callable[[bytes], Any]]] = [
             ("json.loads + sha256", lambda raw: (json.loads(raw), hashlib.sha256(raw).digest()))
@@ -418,7 +418,7 @@ class Bench:
         small_body["stream"] = True
         small = compact(small_body)
         rules_all = pipeline.Settings(
-            rules=tuple(rulelib.switch(rulelib.builtin_rules(), rulelib.BUILTIN_NAMES))
+            rules=tuple(rulelib.switch(rulelib.builtin_rules(), rulelib.builtin_names()))
         )
         cost = {
             "bare": 0.0,

@@ -277,7 +277,7 @@ styles = st.sampled_from(["compact", "python", "pretty", "odd"])
 
 
 def _all_builtins(billing: str = "drop") -> tuple[rules.Rule, ...]:
-    return tuple(rules.switch(rules.builtin_rules(billing), rules.BUILTIN_NAMES))
+    return tuple(rules.switch(rules.builtin_rules(billing), rules.builtin_names()))
 
 
 USER_RULES = (

@@ -33,6 +33,7 @@ from mitmproxy.io import tnetstring
 from mitmproxy.test import tflow
 
 from stableprefix.cli import main as cli
+from stableprefix.core import volatile
 from stableprefix.report import model as report
 from stableprefix.report.html import LOST
 from stableprefix.report.html import REUSED
@@ -94,9 +95,9 @@ def test_session_totals_exact() -> None:
         "  server reported: reused 10,620 of 23,540 prompt tokens (45.1%) on 8 requests",
         "  reprocessed because the client changed the prefix: ~3,630 tokens on 3 turns",
         "    cause             turns  tokens  what to do",
-        "    git_status            1  ~2,530  " + report.REMEDY["git_status"],
-        "    thinking_dropped      1    ~650  " + report.REMEDY["thinking_dropped"],
-        "    tools                 1    ~450  " + report.REMEDY["tools"],
+        "    git_status            1  ~2,530  " + volatile.remedy("git_status"),
+        "    thinking_dropped      1    ~650  " + volatile.remedy("thinking_dropped"),
+        "    tools                 1    ~450  " + volatile.remedy("tools"),
         "  reprocessed although the prefix was kept (server-side): ~3,770 tokens on 1 turn",
     ]
     assert "  side requests interleaved with a stream: 1" in totals

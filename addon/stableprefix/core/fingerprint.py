@@ -28,6 +28,7 @@ try:  # optional speed-up; the bytes are the same with or without it (see canoni
 except ImportError:  # pragma: no cover
     orjson = None  # type: ignore[assignment]
 
+from stableprefix.core import volatile
 from stableprefix.core.shapes import Parts
 
 CHAIN_HEX = 16  # chain entries are truncated; full digests for the single hashes
@@ -174,25 +175,10 @@ def fingerprint(parts: Parts) -> Fingerprint:
 BLOCK_HEX = 16
 CLEARED_TOOL_RESULT = "[Old tool result content cleared]"
 
-#: Known volatile items, most specific first: the first whose masked hashes agree names the cause.
-VOLATILE: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("billing", re.compile(r"\A[ \t]*x-anthropic-billing-header:[^\r\n]*(?:\r?\n)*")),
-    ("date", re.compile(r"(?<=Today's date is )\d{4}-\d{2}-\d{2}|(?<=Today's date: )\d{4}-\d{2}-\d{2}")),
-    (
-        "git_status",
-        re.compile(r"gitStatus: This is the git status at the start of the conversation\.[\s\S]*\Z"),
-    ),
-    ("reminder", re.compile(r"<system-reminder>[\s\S]*?</system-reminder>")),
-)
 MASK = "\x00"  # what a volatile item is replaced with before hashing (never in real prompt text)
-#: A literal every match of each pattern contains: a fast `in` test skips the regex (the date pattern
-#: starts with a lookbehind, so `re` scans it position by position: ~45 ms per MB of text).
-GUARDS = {
-    "billing": "x-anthropic-billing-header:",
-    "date": "Today's date",
-    "git_status": "gitStatus: This is the git status",
-    "reminder": "<system-reminder>",
-}
+# The known volatile items come from `volatile.detectors()`: (cause, guard, pattern), most specific first.
+# The guard is a literal every match contains: a fast `in` test skips the regex (the date pattern starts
+# with a lookbehind, so `re` scans it position by position: ~45 ms per MB of text).
 
 
 def short_sha(data: bytes) -> str:
@@ -202,8 +188,8 @@ def short_sha(data: bytes) -> str:
 def volatile_masks(text: str) -> dict[str, str]:
     """Per known volatile item found in `text`: the hash of `text` with that item masked."""
     out: dict[str, str] = {}
-    for cause, pattern in VOLATILE:
-        if GUARDS[cause] not in text:
+    for cause, guard, pattern in volatile.detectors():
+        if guard not in text:
             continue
         masked, n = pattern.subn(MASK, text)
         if n:
@@ -213,8 +199,8 @@ def volatile_masks(text: str) -> dict[str, str]:
 
 def mask_all(text: str) -> str:
     """`text` with every known volatile item masked (keys that survive a date rollover or a new cch)."""
-    for cause, pattern in VOLATILE:
-        if GUARDS[cause] in text:
+    for _, guard, pattern in volatile.detectors():
+        if guard in text:
             text = pattern.sub(MASK, text)
     return text
 
@@ -278,9 +264,10 @@ def _block(value: Any) -> Block:
     kind = str(value.get("type", "")) if isinstance(value, dict) else ""
     masks: dict[str, str] = {}
     texts = _block_texts(value)
-    if any(GUARDS[c] in t and p.search(t) for t in texts for c, p in VOLATILE):
+    detectors = volatile.detectors()
+    if any(g in t and p.search(t) for t in texts for _, g, p in detectors):
         masked = _mask_value(value)
-        for cause, _ in VOLATILE:
+        for cause, _, _ in detectors:
             m = masked.get(cause)
             if m is not None:
                 masks[cause] = m
@@ -298,8 +285,8 @@ def _mask_value(value: Any) -> dict[str, str]:
     out: dict[str, str] = {}
     # the guards hold no character JSON escapes: absent from the JSON text, absent from every string
     blob = canonical_dump(value)
-    for cause, pattern in VOLATILE:
-        if GUARDS[cause].encode() not in blob:
+    for cause, guard, pattern in volatile.detectors():
+        if guard.encode() not in blob:
             continue
         found = False
 

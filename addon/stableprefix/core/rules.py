@@ -37,6 +37,7 @@ from typing import Protocol
 import re2
 
 from stableprefix.core import billing
+from stableprefix.core import volatile
 from stableprefix.core.jsonedit import Delete
 from stableprefix.core.jsonedit import Edit
 from stableprefix.core.jsonedit import JsonPath
@@ -153,7 +154,6 @@ class Rule:
     matcher: Matcher | None = None
     value: Any = None  # str, or a table group -> str, or (path rules) any JSON value
     enabled: bool = True
-    description: str = ""
 
     @property
     def preset(self) -> str:
@@ -164,89 +164,28 @@ class Rule:
 
 
 def builtin_rules(billing_mode: str = "drop") -> list[Rule]:
-    """Every built-in rule. Only billing is on by default; the others change what the model sees."""
-    bill: list[Rule] = []
-    if billing_mode == "drop":
-        bill = [Rule("billing", ("system",), "drop", BillingMatcher(), description="drop the billing header")]
-    elif billing_mode == "pin":
-        pins = {"cch": billing.PINNED_CCH, "suffix": billing.PINNED_SUFFIX}
-        bill = [Rule("billing", ("system",), "pin", BillingMatcher(), pins, description="pin cch + suffix")]
-    rx = RegexMatcher.compile
-    return bill + [
-        Rule(
-            "date",
-            ("messages:user", "system"),
-            "sticky",
-            rx(r"Today's date(?: is|:) (?P<date>\d{4}-\d{2}-\d{2})"),
-            enabled=False,
-            description="keep the first date seen in the conversation",
-        ),
-        Rule(
-            "git_status",
-            ("system",),
-            "drop",
-            rx(r"\n*gitStatus: This is the git status at the start of the conversation\.(?s:.*)\z"),
-            enabled=False,
-            description="drop the git status snapshot at the end of the system prompt",
-        ),
-        Rule(
-            "env_block",
-            ("system",),
-            "pin",
-            rx(r"(?m)^(?:(?:Primary )?[Ww]orking directory: (?P<cwd>.*)|OS Version: (?P<os>.*))$"),
-            {"cwd": "/workspace", "os": "unknown"},
-            enabled=False,
-            description="pin working directory and OS version lines",
-        ),
-        Rule(
-            "resume.hook",
-            ("messages:user",),
-            "pin",
-            rx(r"SessionStart:resume hook success:"),
-            "SessionStart:startup hook success:",
-            enabled=False,
-            description="resume artefacts: resume hook line",
-        ),
-        Rule(
-            "resume.session_id",
-            ("messages:user",),
-            "drop",
-            rx(r"\n?<session-id>[^<]*</session-id>"),
-            enabled=False,
-            description="resume artefacts: session id tag",
-        ),
-        Rule(
-            "resume.last_active",
-            ("messages:user",),
-            "drop",
-            rx(r"\nLast active:[^\n]*"),
-            enabled=False,
-            description="resume artefacts: last active line",
-        ),
-        Rule("tool_order", ("tools",), "sort", enabled=False, description="sort tools: built-ins, then MCP"),
-        Rule(
-            "user_id",
-            ("path:metadata.user_id",),
-            "pin",
-            value="stableprefix",
-            enabled=False,
-            description="pin metadata.user_id",
-        ),
-        Rule(
-            "cache_control",
-            (
-                "path:system[*].cache_control",
-                "path:messages[*].content[*].cache_control",
-                "path:tools[*].cache_control",
-            ),
-            "drop",
-            enabled=False,
-            description="drop cache_control markers (for servers that reject them)",
-        ),
-    ]
+    """Every built-in rule, from the volatile-field table. Only billing is on by default; the others
+    change what the model sees. `billing_mode`: drop, pin (fixed cch and version suffix) or off."""
+    out = []
+    for f in volatile.rule_fields():
+        if f.name == "billing":
+            if billing_mode == "off":
+                continue
+            pins = (
+                {"cch": billing.PINNED_CCH, "suffix": billing.PINNED_SUFFIX}
+                if billing_mode == "pin"
+                else None
+            )
+            out.append(Rule(f.name, f.scopes, billing_mode, BillingMatcher(), pins, f.enabled))
+            continue
+        matcher = RegexMatcher.compile(f.pattern) if f.pattern else None
+        out.append(Rule(f.name, f.scopes, str(f.action), matcher, f.value, f.enabled))
+    return out
 
 
-BUILTIN_NAMES = tuple(dict.fromkeys(r.preset for r in builtin_rules()))
+def builtin_names() -> tuple[str, ...]:
+    """The built-in presets (``resume`` covers ``resume.*``), in table order."""
+    return tuple(dict.fromkeys(r.preset for r in builtin_rules()))
 
 
 def switch(rules: Iterable[Rule], on: Iterable[str] = (), off: Iterable[str] = ()) -> list[Rule]:
@@ -299,8 +238,7 @@ def make_rule(spec: Mapping[str, Any]) -> Rule:
     enabled = spec.get("enabled", True)
     if not isinstance(enabled, bool):
         raise ValueError("enabled must be true or false")
-    description = spec.get("description", "")
-    if not isinstance(description, str):
+    if not isinstance(spec.get("description", ""), str):  # a note for the file's reader, not kept
         raise ValueError("description must be a string")
     text_scopes = [s for s in scopes if s == "system" or s.startswith("messages:")]
     pattern = spec.get("match")
@@ -327,7 +265,7 @@ def make_rule(spec: Mapping[str, Any]) -> Rule:
             raise ValueError("value must be a string or a table of strings per named group")
     if action == "pin" and value is None:
         raise ValueError("action pin needs a 'value'")
-    return Rule(name, tuple(scopes), action, matcher, value, enabled, description)
+    return Rule(name, tuple(scopes), action, matcher, value, enabled)
 
 
 @dataclass(frozen=True)
@@ -355,9 +293,9 @@ def load_rules_file(path: str | Path) -> RuleSet:
     if not isinstance(builtins, dict):
         raise RuleError(f"{path}: [builtins] must be a table of name = true|false")
     for name, flag in builtins.items():
-        if name not in BUILTIN_NAMES and name not in {r.name for r in builtin_rules()}:
+        if name not in builtin_names() and name not in {r.name for r in builtin_rules()}:
             raise RuleError(
-                f"{path}: [builtins] {name!r}: unknown built-in; one of {', '.join(BUILTIN_NAMES)}"
+                f"{path}: [builtins] {name!r}: unknown built-in; one of {', '.join(builtin_names())}"
             )
         if not isinstance(flag, bool):
             raise RuleError(f"{path}: [builtins] {name!r}: must be true or false")
@@ -366,7 +304,7 @@ def load_rules_file(path: str | Path) -> RuleSet:
     if not isinstance(tables, list):
         raise RuleError(f"{path}: 'rule' must be an array of tables ([[rule]])")
     rules: list[Rule] = []
-    seen = set(BUILTIN_NAMES) | {r.name for r in builtin_rules()}
+    seen = set(builtin_names()) | {r.name for r in builtin_rules()}
     for i, table in enumerate(tables):
         label = (
             table.get("name")

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from dataclasses import field
 from typing import Any
 
+from stableprefix.core import volatile
 from stableprefix.core.fingerprint import Block
 from stableprefix.core.fingerprint import Detail
 from stableprefix.core.fingerprint import Message
@@ -47,19 +48,6 @@ SIDE_MAX_SYSTEM_CHARS = 4000
 SIDE_MAX_TOKENS = 1024
 CONTEXT_CHARS = 40  # each side of the divergence, in the opt-in masked snippet
 THINKING = frozenset({"thinking", "redacted_thinking"})
-CAUSES = (
-    "billing",
-    "date",
-    "git_status",
-    "reminder",
-    "thinking_dropped",
-    "tool_result_cleared",
-    "cache_markers_only",
-    "tools",
-    "params",
-    "unknown",
-)
-TEXT_CAUSES = ("billing", "date", "git_status", "reminder")  # explained by a masked hash, in this order
 
 
 def request_class(api: str, tool_count: int, system_chars: int, max_tokens: Any) -> str | None:
@@ -179,7 +167,7 @@ class TextStore:
 
 
 def _mask_cause(old: Block, new: Block) -> str | None:
-    for cause in TEXT_CAUSES:
+    for cause in volatile.text_causes():
         a, b = old.mask(cause), new.mask(cause)
         if a is not None and a == b:
             return cause

@@ -113,7 +113,7 @@ class StablePrefix:
             "stableprefix_enable",
             Sequence[str],
             [],
-            f"Built-in rules to switch on (repeat the option): {', '.join(rulelib.BUILTIN_NAMES)}.",
+            f"Built-in rules to switch on (repeat the option): {', '.join(rulelib.builtin_names())}.",
         )
         loader.add_option(
             "stableprefix_disable", Sequence[str], [], "Rules to switch off (repeat the option)."

@@ -11,7 +11,7 @@ import html
 import math
 import time
 
-from stableprefix.report.model import REMEDY
+from stableprefix.core import volatile
 from stableprefix.report.model import SERVER_REMEDY
 from stableprefix.report.model import TURN_HEAD
 from stableprefix.report.model import TURN_RIGHT
@@ -230,7 +230,7 @@ def causes(t: Totals) -> str:
     for cause, n in sorted(t.client_turns.items(), key=lambda kv: (-t.client_tokens[kv[0]], kv[0])):
         rows.append(
             f'<tr><td>{e(cause)}</td><td class="r">{n}</td><td class="r">{e(fmt(t.client_tokens[cause], True))}</td>'
-            f"<td>{e(REMEDY.get(cause, '-'))}</td></tr>"
+            f"<td>{e(volatile.remedy(cause))}</td></tr>"
         )
     if t.server_turns:
         rows.append(

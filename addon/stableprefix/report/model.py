@@ -47,25 +47,10 @@ from typing import IO
 from typing import Any
 from typing import BinaryIO
 
+from stableprefix.core import volatile
+
 CHARS_PER_TOKEN = 4
 MAX_PROBLEMS_PER_FILE = 5
-CLIENT_CAUSE_EXEMPT = {"cache_markers_only"}  # a change the canonical form ignores: nothing lost
-#: cause -> the built-in rule (preset) that removes exactly that cause
-CAUSE_RULE = {"billing": "billing", "date": "date", "git_status": "git_status"}
-#: cause -> what to do about it (shown next to the totals)
-REMEDY = {
-    "billing": "run through stableprefix (rule billing, on by default); not for passthrough hosts",
-    "date": "--set stableprefix_enable=date (keeps the first date of a session)",
-    "git_status": "CLAUDE_CODE_DISABLE_GIT_INSTRUCTIONS=1, or --set stableprefix_enable=git_status",
-    "reminder": "a <system-reminder> block in the history changed (CLAUDE.md, skills, MCP tools edited)",
-    "thinking_dropped": "thinking blocks left the history: the template renders them only after the last "
-    "user turn; on hybrid/SWA models raise llama-server --ctx-checkpoints",
-    "tool_result_cleared": "history compaction (/compact, micro-compact): by design, nothing to rewrite",
-    "tools": "the tool list changed (MCP server (dis)connected, permissions); "
-    "--set stableprefix_enable=tool_order if only the order changes",
-    "params": "model, thinking or effort changed (/model, /effort, ultrathink)",
-    "unknown": "see 'diverged at' for the first differing place",
-}
 SERVER_REMEDY = (
     "prefix kept but the server reused less: more slots (llama-server --parallel), a host-RAM cache "
     "(--cache-ram), or route side requests to another server"
@@ -187,7 +172,7 @@ class Turn:
     def client_loss(self) -> bool:
         """The prefix changed on the client's side (not just cache markers)."""
         if self.verdict == "changed":
-            return self.cause not in CLIENT_CAUSE_EXEMPT
+            return volatile.costs(self.cause or "")
         return self.rec.get("miss") == "client" and self.verdict == "?"
 
     def lost_tokens(self) -> int | None:
@@ -230,7 +215,7 @@ class Turn:
     def would_save_tokens(self) -> int | None:
         """Tokens lost on this turn that a rule which would have fired removes exactly."""
         fired, observe = self.rules()
-        rule = CAUSE_RULE.get(self.cause or "")
+        rule = volatile.rule_for_cause(self.cause or "")
         if not observe or rule is None or rule not in {k.split(".")[0] for k in fired}:
             return None
         return self.lost_tokens()
@@ -730,7 +715,7 @@ def render_totals(t: Totals) -> list[str]:
     if nclient:
         rows = [["cause", "turns", "tokens", "what to do"]]
         for cause, n in sorted(t.client_turns.items(), key=lambda kv: (-t.client_tokens[kv[0]], kv[0])):
-            rows.append([cause, str(n), fmt(t.client_tokens[cause], True), REMEDY.get(cause, "-")])
+            rows.append([cause, str(n), fmt(t.client_tokens[cause], True), volatile.remedy(cause)])
         out += table(rows, {1, 2}, indent="    ")
     if t.server_turns:
         out.append(
