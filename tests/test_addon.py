@@ -166,7 +166,7 @@ def test_billing_dropped_and_record_written_once_at_response(
         a.response(f)  # a second call does not write twice
     (r,) = records(log)
     assert r == f.metadata[META_KEY]
-    assert (r["id"], r["removed"], r["class"], r["verdict"]) == (f.id, {"billing": 1}, "main", "first")
+    assert (r["id"], r["changed"], r["class"], r["verdict"]) == (f.id, {"billing": 1}, "main", "first")
     assert (r["status"], r["cached_tokens"], r["prompt_tokens"], r["evidence"], r["miss"]) == (
         200,
         0,
@@ -200,7 +200,7 @@ def test_passthrough_host_is_never_rewritten() -> None:
         a.request(f)
         assert f.request.raw_content == raw
         rec = f.metadata[META_KEY]
-        assert rec["passthrough"] is True and rec["removed"] == {} and rec["class"] == "main"
+        assert rec["passthrough"] is True and rec["changed"] == {} and rec["class"] == "main"
 
 
 def test_custom_passthrough_glob() -> None:
@@ -225,7 +225,7 @@ def test_observe_mode_rewrites_nothing() -> None:
         a.request(f)
         assert f.request.raw_content == raw
         rec = f.metadata[META_KEY]
-        assert rec["would_remove"] == {"billing": 1} and rec["removed"] == {} and rec["rewritten"] is False
+        assert rec["would_change"] == {"billing": 1} and rec["changed"] == {} and rec["rewritten"] is False
         assert f.metadata[BEFORE_KEY] == {"rules": {}, "changes": []}
 
 

@@ -18,11 +18,14 @@ FIXTURES = Path(__file__).parent / "fixtures"
 SESSION = samples.Session(task="SENTINEL-TASK-TEXT: fix the parser.")
 PATH = "/v1/messages?beta=true"
 REQUEST_FIELDS = [
+    "v",
+    "state",
     "host",
     "path",
     "api",
     "rewritten",
-    "removed",
+    "changed",
+    "actions",
     "billing",
     "session",
     "system_hash",
@@ -114,7 +117,7 @@ def test_observe_mode_still_tracks_streams() -> None:
     a = Analyzer(pipeline.Settings(observe=True))
     r1 = send(a, SESSION.request(1)).record
     r2 = send(a, SESSION.request(2)).record
-    assert r1["would_remove"] == {"billing": 1} and r1["removed"] == {}
+    assert r1["would_change"] == {"billing": 1} and r1["changed"] == {}
     assert (r2["verdict"], r2["cause"]) == ("changed", "billing")
     assert r2["diverged_at"].startswith("system[0]@")
 

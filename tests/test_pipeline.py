@@ -47,7 +47,7 @@ def test_drop_removes_the_header_block_and_nothing_else(name: str) -> None:
     assert {k: v for k, v in out.items() if k != "system"} == {
         k: v for k, v in original.items() if k != "system"
     }
-    assert result.record["removed"] == {"billing": 1}
+    assert result.record["changed"] == {"billing": 1}
     assert result.record["rewritten"] is True
 
 
@@ -70,19 +70,19 @@ def test_inline_system_messages_lose_the_header_and_stay_in_place() -> None:
     roles = [m["role"] for m in out["messages"]]
     assert roles == ["user", "assistant", "system", "user"]  # header-only system message removed, none moved
     assert out["messages"][2]["content"] == "The user switched to plan mode."
-    assert result.record["removed"] == {"billing": 2}
+    assert result.record["changed"] == {"billing": 2}
 
 
 def test_header_text_in_user_assistant_and_tool_content_is_left_alone() -> None:
     raw, result = run("header_in_user_and_tool.json")
     assert result.forward is None  # nothing in system position: byte-identical
-    assert result.record["removed"] == {}
+    assert result.record["changed"] == {}
 
 
 def test_duplicate_header_blocks_are_both_dropped() -> None:
     raw, result = run("duplicate_header.json")
     assert system_texts(forwarded(raw, result))[0] == ID
-    assert result.record["removed"] == {"billing": 2}
+    assert result.record["changed"] == {"billing": 2}
 
 
 def test_header_block_with_cache_control_is_dropped_whole() -> None:
@@ -116,7 +116,7 @@ def test_pin_without_cch_only_pins_the_suffix() -> None:
 
 def test_off_forwards_byte_identical() -> None:
     raw, result = run("cc_2_1_39_cch.json", OFF)
-    assert result.forward is None and result.record["removed"] == {}
+    assert result.forward is None and result.record["changed"] == {}
 
 
 def test_rewrite_keeps_formatting_outside_the_edit() -> None:
@@ -137,7 +137,7 @@ def test_passthrough_host_is_hashed_not_rewritten() -> None:
 def test_observe_reports_what_it_would_remove() -> None:
     raw, result = run("cc_2_1_39_cch.json", Settings(observe=True))
     assert result.forward is None
-    assert result.record["would_remove"] == {"billing": 1} and result.record["removed"] == {}
+    assert result.record["would_change"] == {"billing": 1} and result.record["changed"] == {}
 
 
 def test_prefix_hash_is_stable_across_cch_and_suffix_only_with_the_rule() -> None:

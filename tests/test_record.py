@@ -13,9 +13,11 @@ from stableprefix.core.record import JsonlWriter
 
 def base(**kw: Any) -> dict[str, Any]:
     r = {
+        "v": 2,
+        "state": "answered" if "status" in kw else "sent",
         "api": "anthropic-messages",
         "path": "/v1/messages",
-        "removed": {"billing": 1},
+        "changed": {"billing": 1},
         "prefix_hash": "a1b2c3d4e5f6a7b8c9d0",
         "chain": ["x"] * 15,
         "class": "main",
@@ -59,7 +61,7 @@ def test_log_line_tools_server_and_unknown() -> None:
         cause="tools",
         common_prefix_messages=0,
         tools_changed={"added": ["mcp__jira__search"], "removed": [], "changed": ["Bash", "Read"]},
-        removed={},
+        changed={},
     )
     assert rec.log_line(r) == (
         "main a1b2c3d4e5f6 changed at tools (tools) [tools added mcp__jira__search; changed Bash,Read] 0/15 msgs "
@@ -69,13 +71,13 @@ def test_log_line_tools_server_and_unknown() -> None:
     assert rec.log_line(r).endswith(
         "server reused 6/9,000, server-side miss, side request interleaved (anthropic-messages, changed billing=1)"
     )
-    r = base(status=200, cached_tokens=None, prompt_tokens=900, miss="unknown", removed={}, passthrough=True)
+    r = base(status=200, cached_tokens=None, prompt_tokens=900, miss="unknown", changed={}, passthrough=True)
     assert rec.log_line(r) == (
         "main a1b2c3d4e5f6 append-only 14/15 msgs, server: 900 prompt tokens, no cache figure, "
         "server reported nothing (anthropic-messages, passthrough, unchanged)"
     )
     r = base(
-        status=502, cached_tokens=None, prompt_tokens=None, miss=None, removed={}, would_remove={"billing": 1}
+        status=502, cached_tokens=None, prompt_tokens=None, miss=None, changed={}, would_change={"billing": 1}
     )
     assert rec.log_line(r) == (
         "main a1b2c3d4e5f6 append-only 14/15 msgs, server: HTTP 502, no cache figure "
@@ -97,7 +99,7 @@ def test_log_line_first_count_tokens_no_response_and_legacy() -> None:
         == "main a1b2c3d4e5f6 append-only 14/15 msgs, no response (anthropic-messages, changed billing=1)"
     )
     legacy = {"api": "anthropic-messages", "removed": {"billing": 1}, "prefix_hash": "0123456789abcdef"}
-    assert rec.log_line(legacy) == "anthropic-messages changed billing=1 prefix 0123456789ab"
+    assert rec.log_line(rec.upgrade(legacy)) == "anthropic-messages changed billing=1 prefix 0123456789ab"
     bad = {"api": "anthropic-messages", "path": "/v1/messages", "error": "JSONDecodeError: x"}
     assert rec.log_line(bad) == "anthropic-messages /v1/messages left unchanged (JSONDecodeError: x)"
 
@@ -191,3 +193,50 @@ def test_jsonl_writer_escapes_lone_surrogates(tmp_path: Path) -> None:
     line = path.read_text(encoding="utf-8").strip()
     assert line == '{"tool_names":["ok\\ud800"],"t":"\\u00e9"}'
     assert json.loads(line)["tool_names"] == ["ok\ud800"]
+
+
+# --- the schema --------------------------------------------------------------------------------------------
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "record.md"
+
+
+def test_the_documented_fields_are_the_type() -> None:
+    documented = [
+        line.split("|")[1].strip().strip("`") for line in DOC.read_text(encoding="utf-8").splitlines()
+        if line.startswith("| `")
+    ]  # fmt: skip
+    assert documented == list(rec.Record.__annotations__)
+
+
+def test_a_full_record_fits_the_type() -> None:
+    from stableprefix.core.analyzer import Analyzer
+    from stableprefix.demo import samples
+
+    a = Analyzer()
+    body = json.dumps(samples.Session().request(1)).encode()
+    result = a.request("POST", "h", "/v1/messages", body, {"x-claude-code-session-id": "s"})
+    assert result is not None
+    assert result.record["state"] == "sent" and result.record["v"] == rec.VERSION == 2
+    usage = b'{"usage": {"input_tokens": 10, "cache_read_input_tokens": 5}}'
+    r = a.response({"ts": 1.0, "id": "f", **result.record}, 200, {}, usage)
+    assert r["state"] == "answered"
+    assert set(r) <= set(rec.Record.__annotations__), set(r) - set(rec.Record.__annotations__)
+    simple = {int: int, float: float, str: str, bool: bool}
+    for key, value in r.items():
+        kind = rec.Record.__annotations__[key]
+        if kind in simple:
+            assert isinstance(value, simple[kind]), (key, value)
+    assert r["changed"] == {"billing": 1} and r["actions"] == {"billing": "drop"}
+
+
+def test_upgrade_reads_a_v1_record() -> None:
+    v1 = {
+        "api": "anthropic-messages",
+        "class": "main",
+        "removed": {"billing": 1},
+        "would_remove": {},
+        "status": 200,
+    }
+    up = rec.upgrade(v1)
+    assert (up["v"], up["state"], up["changed"], up["would_change"]) == (2, "answered", {"billing": 1}, {})
+    assert "removed" not in up

@@ -367,7 +367,7 @@ def test_har_file_is_analysed_offline(tmp_path: Path) -> None:
 
 
 RECORD_FIELDS = (
-    "ts", "id", "host", "path", "api", "rewritten", "removed", "would_remove", "passthrough", "session",
+    "ts", "id", "host", "path", "api", "rewritten", "changed", "would_change", "passthrough", "session",
     "error", "chain", "system_chars", "tools_chars", "message_chars", "stream", "class", "verdict",
     "common_prefix_messages", "diverged_at", "tools_changed", "cause", "reusable_chars", "reusable_tokens_est",
     "status", "cached_tokens", "prompt_tokens", "evidence", "miss", "interleaved_side",

@@ -55,7 +55,7 @@ def test_a_new_field_is_removed(with_ticket: None) -> None:
     )
     assert result is not None and result.forward is not None
     assert result.forward == raw.replace(b"TICKET-4711", b"TICKET-0")
-    assert result.record["removed"] == {"ticket": 1}
+    assert result.record["changed"] == {"ticket": 1}
 
 
 def test_a_new_field_is_tagged_and_explained(with_ticket: None, tmp_path: Path) -> None:

@@ -47,8 +47,8 @@ def test_reverse_mode_rewrites_and_logs(mitm: MitmFactory, upstream: Upstream, t
     assert proxy.wait_for("changed billing=1")
     assert proxy.stop() == 0
     records = [json.loads(line) for line in log.read_text().splitlines()]
-    assert [r["removed"] for r in records] == [{"billing": 1}, {"billing": 1}, {"billing": 2}, {}]
-    assert all({"host", "path", "api", "rewritten", "removed", "prefix_hash"} <= set(r) for r in records)
+    assert [r["changed"] for r in records] == [{"billing": 1}, {"billing": 1}, {"billing": 2}, {}]
+    assert all({"host", "path", "api", "rewritten", "changed", "prefix_hash"} <= set(r) for r in records)
     assert "You are Claude Code" not in log.read_text() and "cch=" not in log.read_text()
 
 

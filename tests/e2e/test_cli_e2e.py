@@ -176,7 +176,7 @@ def test_run_upstream_prints_settings_normalises_and_stops_on_ctrl_c(
     assert "stableprefix summary:" in cli.output()  # the addon's done() ran
     assert "Traceback" not in cli.output()
     (rec,) = [json.loads(x) for x in log.read_text().splitlines()]
-    assert rec["removed"] == {"billing": 1} and rec["verdict"] == "first"
+    assert rec["changed"] == {"billing": 1} and rec["verdict"] == "first"
 
     done = run_cli("report", str(log))
     assert done.returncode == 0, done.stderr

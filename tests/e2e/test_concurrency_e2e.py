@@ -116,7 +116,7 @@ def test_32_concurrent_sse_conversations(mitm: MitmFactory, upstream: Upstream, 
     assert len({r["id"] for r in recs}) == len(recs)
     for r in recs:
         assert r["status"] == 200
-        assert r["removed"] == {"billing": 1}
+        assert r["changed"] == {"billing": 1}
         assert r["verdict"] == ("first" if len(r["chain"]) == 1 else "append-only"), r
     # the conversations stay apart: one stream per session, TURNS requests each
     by_stream: dict[str, list[int]] = {}

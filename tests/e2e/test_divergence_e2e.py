@@ -218,7 +218,7 @@ def test_planted_changes_are_located_and_explained(mitm: Any, upstream: Upstream
     assert by["X1"]["stream"] not in (main, by["S1"]["stream"])
     assert by["T6"]["tools_changed"] == {"added": ["mcp__jira__search"], "removed": [], "changed": []}
     assert all("tools_changed" not in r for label, r in by.items() if label != "T6")
-    assert all(r["rewritten"] and r["removed"] == {"billing": 1} for label, r in by.items() if label != "C1")
+    assert all(r["rewritten"] and r["changed"] == {"billing": 1} for label, r in by.items() if label != "C1")
 
     # the numbers that make T3/T8/T9 server-side misses: the server reused almost nothing of a stable prefix
     for label in ("T3", "T8", "T9"):

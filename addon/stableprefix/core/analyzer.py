@@ -156,12 +156,14 @@ class Analyzer:
         """Complete the record of a request that never got a server response; `status` is what the proxy
         itself answered the client instead (mitmproxy's 502), None when the client got nothing."""
         record["status"] = status
+        record["state"] = "no-response"
         answered = f"; the proxy answered {status}" if status is not None else ""
         record.setdefault("error", f"no response: {message}{answered}"[:200])
         record.update(cached_tokens=None, prompt_tokens=None, evidence=None, miss=None)
         return record
 
     def _complete(self, record: dict[str, Any], ev: evidence.Evidence | None) -> dict[str, Any]:
+        record["state"] = "answered"
         record.update(
             ev.as_record()
             if ev is not None
@@ -251,7 +253,7 @@ def before_state(result: pipeline.Result) -> dict[str, Any]:
     Kept in flow.metadata instead of the original body (which can be megabytes): a list of changed JSON
     paths with sizes and the first differing character, never text.
     """
-    out: dict[str, Any] = {"rules": dict(result.record.get("removed") or {})}
+    out: dict[str, Any] = {"rules": dict(result.record.get("changed") or {})}
     if result.original_body is None or result.body is None or result.original_body is result.body:
         out["changes"] = []
         return out

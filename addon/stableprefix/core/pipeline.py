@@ -18,6 +18,7 @@ from dataclasses import field
 from typing import Any
 
 from stableprefix.core import billing
+from stableprefix.core import record as records
 from stableprefix.core import shapes
 from stableprefix.core.fingerprint import Fingerprint
 from stableprefix.core.fingerprint import fingerprint
@@ -112,24 +113,21 @@ def process(
     api = shapes.api_for_path(path)
     if method.upper() != "POST" or api is None:
         return None
-    record: dict[str, Any] = {
-        "host": host,
-        "path": path.split("?", 1)[0],
-        "api": str(api),
-        "rewritten": False,
-    }
+    record = records.new(host, path, str(api))
     try:
         doc = Document.parse(raw)
         shape = shapes.detect(path, doc.value, settings.slot_scopes)
     except (ValueError, RecursionError) as e:
         reason = f"{type(e).__name__}: {e}" if not isinstance(e, UnicodeDecodeError) else "body is not UTF-8"
         record["error"] = reason[:200]
+        record["state"] = "left-alone"
         return Result(None, record, warning=f"left {record['path']} unchanged: {reason[:200]}")
     assert shape is not None
     try:
         return _normalise(doc, shape, host, record, settings, headers or {}, sticky)
     except Exception as e:  # a bug must never cost a request: forward the original bytes, say why once
         record["error"] = f"internal error ({type(e).__name__})"  # its message could quote prompt text
+        record["state"] = "left-alone"
         return Result(None, record, doc.value, warning=f"left {record['path']} unchanged: {record['error']}")
 
 
@@ -144,7 +142,8 @@ def _normalise(
 ) -> Result:
     api = shape.api
     session = session_id(headers, doc.value)
-    record["removed"] = {}
+    record["changed"] = {}
+    record["actions"] = {}
     if (bill := billing_fields(shape)) is not None:
         record["billing"] = bill
     passthrough = settings.is_passthrough(host)
@@ -153,17 +152,18 @@ def _normalise(
     forward = None
     if outcome and outcome.edits:
         fired = dict(sorted(outcome.fired.items()))
+        action = {r.name: r.action for r in settings.rules}
+        record["actions"] = {name: action.get(name, "?") for name in fired}
         if settings.observe:
-            record["would_remove"] = fired
+            record["would_change"] = fired
         else:
             forward = doc.edited(outcome.edits).encode("utf-8")
             body = apply_edits(doc.value, outcome.edits)
-            record["removed"] = fired
+            record["changed"] = fired
             record["rewritten"] = True
     if passthrough:
         record["passthrough"] = True
-    if session:
-        record["session"] = fingerprint_session(session)
+    record["session"] = fingerprint_session(session) if session else None
     parts = shapes.parts(api, body)
     fp = fingerprint(parts)
     record.update(fp.as_record())

@@ -1,16 +1,10 @@
-"""The per-request record: its one-line log form, the summary lines, and the JSONL file it is appended to.
+"""The per-request record (`Record`, schema version `VERSION`), its one-line log form, the summary lines,
+and the JSONL file it is appended to. docs/record.md documents every field.
 
 A record holds hosts, paths, names, counts and hashes, never prompt text, header values or credentials
-(the only exception is the opt-in ``context``: a snippet with every letter and digit masked).
-It is written once per request, when the response has completed (or the request failed).
-
-Fields, in order: ``ts``, ``id``; from the pipeline ``host``, ``path``, ``api``, ``rewritten``,
-``removed``, ``would_remove`` (observe mode), ``passthrough``, ``billing``, ``session``, ``error``,
-``system_hash``, ``tools_hash``, ``tool_names``, ``params_hash``, ``prefix_hash``, ``chain``,
-``system_chars``, ``tools_chars``, ``message_chars``; from the stream tracker ``stream``, ``class``,
-``verdict``, ``common_prefix_messages``, ``diverged_at``, ``tools_changed``, ``cause``, ``reusable_chars``,
-``reusable_tokens_est``, ``interleaved_side`` (``context`` when opted in); from the response ``status``,
-``cached_tokens``, ``prompt_tokens``, ``evidence``, ``miss``.
+(the only exception is the opt-in ``context``: a snippet with every letter and digit masked). It is
+created once (`new`), filled by the pipeline, the stream tracker and the response, and written once per
+request, when the response has completed or the request failed. ``state`` says how far it got.
 """
 
 from __future__ import annotations
@@ -21,6 +15,92 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
 from typing import Any
+from typing import Literal
+from typing import TypedDict
+
+VERSION = 2  # v1 (before 2026-12): "removed"/"would_remove" for "changed"/"would_change", no "v"/"state"
+State = Literal["left-alone", "sent", "answered", "no-response"]
+
+
+#: One request, as logged (docs/record.md says what each field means). Functional form: "class" is a keyword.
+Record = TypedDict(
+    "Record",
+    {
+        "v": int,
+        "state": State,
+        "ts": float,
+        "id": str,
+        "host": str,
+        "path": str,
+        "api": str,
+        "rewritten": bool,
+        "changed": dict[str, int],
+        "would_change": dict[str, int],
+        "actions": dict[str, str],
+        "passthrough": bool,
+        "billing": dict[str, Any],
+        "session": str | None,
+        "error": str,
+        "system_hash": str,
+        "tools_hash": str,
+        "tool_names": list[str],
+        "params_hash": str,
+        "prefix_hash": str,
+        "chain": list[str],
+        "system_chars": int,
+        "tools_chars": int,
+        "message_chars": list[int],
+        "stream": str,
+        "class": str | None,
+        "verdict": str | None,
+        "common_prefix_messages": int,
+        "diverged_at": str | None,
+        "tools_changed": dict[str, list[str]] | None,
+        "cause": str | None,
+        "reusable_chars": int,
+        "reusable_tokens_est": int,
+        "interleaved_side": int,
+        "context": str,
+        "status": int | None,
+        "cached_tokens": int | None,
+        "prompt_tokens": int | None,
+        "evidence": str | None,
+        "miss": str | None,
+    },
+    total=False,
+)
+
+
+def new(host: str, path: str, api: str, state: State = "sent") -> dict[str, Any]:
+    """A record's first fields (the one place records are created)."""
+    return {"v": VERSION, "state": state, "host": host, "path": path.split("?", 1)[0], "api": api,
+            "rewritten": False}  # fmt: skip
+
+
+def upgrade(record: dict[str, Any]) -> dict[str, Any]:
+    """A record of an older schema in today's names (the report reads old logs too)."""
+    if record.get("v") == VERSION:
+        return record
+    out = dict(record)
+    if "removed" in out:
+        out["changed"] = out.pop("removed")
+    if "would_remove" in out:
+        out["would_change"] = out.pop("would_remove")
+    if "state" not in out:
+        if "class" not in out:
+            out["state"] = "left-alone" if "error" in out else "sent"
+        elif "status" in out:
+            out["state"] = "answered" if out.get("status") is not None else "no-response"
+        else:
+            out["state"] = "sent"
+    out["v"] = VERSION
+    return out
+
+
+def analysed(record: Mapping[str, Any]) -> bool:
+    """True for a record the stream tracker saw (not a body left alone)."""
+    return record.get("state") in ("sent", "answered", "no-response") and "class" in record
+
 
 META_KEY = "stableprefix"  # flow.metadata: the record (JSON-able)
 BEFORE_KEY = "stableprefix_before"  # flow.metadata: what the client sent (hashes + changed paths)
@@ -32,8 +112,8 @@ MISS_WORDS = {
 
 
 def _rules_part(record: Mapping[str, Any]) -> str:
-    changed = record.get("removed") or {}
-    would = record.get("would_remove") or {}
+    changed = record.get("changed") or {}
+    would = record.get("would_change") or {}
     out = []
     if record.get("passthrough"):
         out.append("passthrough")
@@ -72,7 +152,7 @@ def verdict_text(record: Mapping[str, Any]) -> str:
 
 
 def server_text(record: Mapping[str, Any]) -> str:
-    if "status" not in record:
+    if record.get("state") not in ("answered", "no-response"):
         return ""
     if record.get("status") is None:
         return "no response"
@@ -93,7 +173,7 @@ def log_line(record: Mapping[str, Any]) -> str:
     if "error" in record and "prefix_hash" not in record:
         return f"{api} {record.get('path', '')} left unchanged ({record['error']})"
     prefix = str(record.get("prefix_hash", ""))[:12]
-    if "class" not in record:
+    if not analysed(record):
         return f"{api} {_rules_part(record)} prefix {prefix}"
     parts = [f"{record['class']} {prefix} {verdict_text(record)}"]
     if record["class"] != "count_tokens" and (server := server_text(record)):

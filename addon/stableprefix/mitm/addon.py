@@ -22,6 +22,7 @@ from mitmproxy import exceptions
 from mitmproxy import http
 
 from stableprefix.core import pipeline
+from stableprefix.core import record as records
 from stableprefix.core import rules as rulelib
 from stableprefix.core.analyzer import Analyzer
 from stableprefix.core.analyzer import SSEFeed
@@ -298,15 +299,15 @@ class StablePrefix:
         path = req.path.split("?")[0]
         logger.warning(f"stableprefix: left {path} unchanged: {reason}", extra=extra)
         api = pipeline.shapes.api_for_path(req.path)
-        record = {"ts": round(time.time(), 3), "id": flow.id, "host": req.host, "path": path, "api": str(api),
-                  "rewritten": False, "error": reason}  # fmt: skip
+        record = {"ts": round(time.time(), 3), "id": flow.id,
+                  **records.new(req.host, req.path, str(api), state="left-alone"), "error": reason}  # fmt: skip
         flow.metadata[META_KEY] = record
         self._pending[flow.id] = record
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         record = self._pending.get(flow.id)
         resp = flow.response
-        if record is None or resp is None or "class" not in record:
+        if record is None or resp is None or not records.analysed(record):
             return
         if not resp.headers.get("content-type", "").lower().startswith("text/event-stream"):
             return
@@ -326,7 +327,7 @@ class StablePrefix:
         resp = flow.response
         if record is None or resp is None:
             return
-        if "class" not in record:  # a body the addon left alone: no analysis, just the outcome
+        if not records.analysed(record):  # a body the addon left alone: no analysis, just the outcome
             record["status"] = resp.status_code
         elif feed is not None:
             self._guard(feed.finish)
@@ -352,7 +353,7 @@ class StablePrefix:
 
     def _finish(self, flow: http.HTTPFlow, record: dict[str, Any]) -> None:
         flow.metadata[META_KEY] = record
-        if "class" in record:
+        if records.analysed(record):
             flow.comment = comment(record)
             if record.get("miss") == "client":
                 flow.marked = MARK

@@ -60,10 +60,10 @@ def render(record: Mapping[str, Any], before: Mapping[str, Any], data: bytes) ->
         note = f"  # {MISS_WORDS[miss]}" if miss in MISS_WORDS else ""
         lines.append(f"  miss: {_v(miss)}{note}")
     lines.append("rules:")
-    if record.get("would_remove"):
-        lines.append(f"  would_change: {_v(record['would_remove'])}  # observe mode: nothing rewritten")
+    if record.get("would_change"):
+        lines.append(f"  would_change: {_v(record['would_change'])}  # observe mode: nothing rewritten")
     else:
-        lines.append(f"  changed: {_v(record.get('removed') or {})}")
+        lines.append(f"  changed: {_v(record.get('changed') or {})}")
     if record.get("passthrough"):
         lines.append("  passthrough: true  # this host is never rewritten")
     if "system_hash" in before:

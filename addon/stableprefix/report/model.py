@@ -23,7 +23,7 @@ server reported):
 - *rules saved* (rules active, ``removed``): the estimated reusable prefix of every later turn of a stream whose
   request the rules rewrote. An upper bound: it assumes the removed part would otherwise have changed between
   requests, as Claude Code's per-request ``cch`` does.
-- *rules would save* (observe mode, ``would_remove``): the tokens lost on turns whose cause is exactly what a
+- *rules would save* (observe mode, ``would_change``): the tokens lost on turns whose cause is exactly what a
   rule that would have fired removes (billing, date, git_status).
 
 ``--check`` fails a main-thread turn that lost its prefix for a client-side cause (verdict ``changed``, cause
@@ -47,6 +47,7 @@ from typing import IO
 from typing import Any
 from typing import BinaryIO
 
+from stableprefix.core import record as records
 from stableprefix.core import volatile
 
 CHARS_PER_TOKEN = 4
@@ -196,10 +197,10 @@ class Turn:
 
     def rules(self) -> tuple[dict[str, int], bool]:
         """(rule -> count, observe?) of what the rules changed or would have changed."""
-        removed = self.rec.get("removed")
+        removed = self.rec.get("changed")
         if isinstance(removed, dict) and removed:
             return {str(k): _count(v) for k, v in removed.items()}, False
-        would = self.rec.get("would_remove")
+        would = self.rec.get("would_change")
         if isinstance(would, dict) and would:
             return {str(k): _count(v) for k, v in would.items()}, True
         return {}, False
@@ -389,7 +390,7 @@ class Report:
                 if bad <= MAX_PROBLEMS_PER_FILE:
                     self.problem(where, f"line is JSON but not an object ({type(rec).__name__})")
                 continue
-            self.add(rec, where, name)
+            self.add(records.upgrade(rec), where, name)
         if bad > MAX_PROBLEMS_PER_FILE:
             self.problem(name, f"{bad - MAX_PROBLEMS_PER_FILE} more lines skipped (not JSON objects)")
 
