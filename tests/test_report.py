@@ -35,6 +35,8 @@ from mitmproxy.test import tflow
 from stableprefix.cli import main as cli
 from stableprefix.core import volatile
 from stableprefix.report import model as report
+from stableprefix.report import readers
+from stableprefix.report import text as report_text
 from stableprefix.report.html import LOST
 from stableprefix.report.html import REUSED
 from stableprefix.report.html import render_html
@@ -52,7 +54,7 @@ def lines_of(text: str) -> list[str]:
 
 
 def test_session_main_stream_table_exact() -> None:
-    text = report.render_text(report.read([SESSION], progress=False))
+    text = report_text.render_text(readers.read([SESSION], progress=False))
     lines = lines_of(text)
     i = lines.index(
         f"stream a1b2c3d4e5f6 · main · 6 requests · session 0b1c2d3e4f50 · host 127.0.0.1 · from {SESSION}:1"
@@ -69,7 +71,7 @@ def test_session_main_stream_table_exact() -> None:
 
 
 def test_session_subagent_and_side_tables() -> None:
-    lines = lines_of(report.render_text(report.read([SESSION], progress=False)))
+    lines = lines_of(report_text.render_text(readers.read([SESSION], progress=False)))
     assert (
         "  2  subagent  changed        0/3  tools (added mcp__x)  tools  ~1,250/~2,000  ~450  unknown  -"
         in lines
@@ -86,7 +88,7 @@ def test_session_subagent_and_side_tables() -> None:
 
 
 def test_session_totals_exact() -> None:
-    text = report.render_text(report.read([SESSION], progress=False))
+    text = report_text.render_text(readers.read([SESSION], progress=False))
     totals = text[text.index("totals\n") :].splitlines()
     assert totals[:10] == [
         "totals",
@@ -108,7 +110,7 @@ def test_session_totals_exact() -> None:
 
 
 def test_totals_object() -> None:
-    t = report.read([SESSION], progress=False).totals()
+    t = readers.read([SESSION], progress=False).totals()
     assert (t.requests, t.later_turns, t.append_only, t.changed) == (10, 6, 3, 3)
     assert (t.server_requests, t.server_cached, t.server_prompt) == (8, 10_620, 23_540)
     assert dict(t.client_tokens) == {"git_status": 2530, "thinking_dropped": 650, "tools": 450}
@@ -119,7 +121,7 @@ def test_totals_object() -> None:
 
 def test_observe_mode_would_save() -> None:
     # (12,400 - 52) / 4 = 3,087 and (13,200 - 52) / 4 = 3,287: both billing, which the billing rule removes
-    text = report.render_text(report.read([OBSERVE], progress=False))
+    text = report_text.render_text(readers.read([OBSERVE], progress=False))
     assert (
         "  2  main   changed        0/3  system[0]@52  billing     ~13/~3,300  ~3,087  -     would: billing=1"
         in text
@@ -131,7 +133,7 @@ def test_observe_mode_would_save() -> None:
 
 
 def test_check_lines_exact() -> None:
-    assert report.check_lines(report.read([SESSION], progress=False)) == [
+    assert report_text.check_lines(readers.read([SESSION], progress=False)) == [
         f"{SESSION}:4: main turn 3 of stream a1b2c3d4e5f6 lost its prefix at system[2]@1480 (cause git_status), "
         "~2,530 tokens reprocessed",
         f"{SESSION}:9: main turn 5 of stream a1b2c3d4e5f6 lost its prefix at messages[1].content[0] "
@@ -141,8 +143,8 @@ def test_check_lines_exact() -> None:
 
 def test_check_ignores_cache_markers_and_subagents() -> None:
     # clean: append-only and a cache-markers-only change on main; a date change on a subagent only
-    rep = report.read([CLEAN], progress=False)
-    assert report.check_lines(rep) == []
+    rep = readers.read([CLEAN], progress=False)
+    assert report_text.check_lines(rep) == []
     assert dict(rep.totals().client_tokens) == {"date": 1700}  # (2000 + 4000 + 800) / 4, nothing reusable
 
 
@@ -164,14 +166,14 @@ def test_cli_report_prints_the_report(capsys: pytest.CaptureFixture[str]) -> Non
 
 
 def test_old_log_without_stream_fields() -> None:
-    rep = report.read([OLD], progress=False)
-    text = report.render_text(rep)
+    rep = readers.read([OLD], progress=False)
+    text = report_text.render_text(rep)
     assert rep.problems == []
     assert (
         "this log has no verdicts (written before stableprefix tracked streams): sizes and rules only" in text
     )
     assert "stream (no id in the log) · ? · 1 request · session 5e55 · host 127.0.0.1" in text
-    assert report.check_lines(rep) == []
+    assert report_text.check_lines(rep) == []
 
 
 def test_bad_lines_are_named_and_the_rest_is_reported(capsys: pytest.CaptureFixture[str]) -> None:
@@ -188,9 +190,9 @@ def test_bad_lines_are_named_and_the_rest_is_reported(capsys: pytest.CaptureFixt
 def test_many_bad_lines_are_summarised(tmp_path: Path) -> None:
     f = tmp_path / "log.jsonl"
     f.write_text("{nope\n" * 8)
-    rep = report.read([f], progress=False)
+    rep = readers.read([f], progress=False)
     assert [str(p) for p in rep.problems][-1] == f"{f}: 3 more lines skipped (not JSON objects)"
-    assert len(rep.problems) == report.MAX_PROBLEMS_PER_FILE + 1
+    assert len(rep.problems) == readers.MAX_PROBLEMS_PER_FILE + 1
 
 
 def test_missing_file_and_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -205,7 +207,7 @@ def test_missing_file_and_directory(tmp_path: Path, capsys: pytest.CaptureFixtur
 def test_unknown_content(tmp_path: Path) -> None:
     f = tmp_path / "x.bin"
     f.write_bytes(b"\x89PNG\r\n\x1a\n0000")
-    rep = report.read([f], progress=False)
+    rep = readers.read([f], progress=False)
     assert [str(p) for p in rep.problems] == [
         f"{f}: not a stableprefix JSONL log, a mitmproxy flow file or a HAR file "
         "(it starts with b'\\x89PNG\\r\\n\\x1a\\n0000')"
@@ -215,20 +217,20 @@ def test_unknown_content(tmp_path: Path) -> None:
 def test_empty_file_is_no_error(tmp_path: Path) -> None:
     f = tmp_path / "empty.jsonl"
     f.write_bytes(b"")
-    rep = report.read([f], progress=False)
+    rep = readers.read([f], progress=False)
     assert rep.problems == [] and rep.totals().requests == 0
 
 
 def test_detection_by_content_not_extension(tmp_path: Path) -> None:
     f = tmp_path / "session.mitm"  # a JSONL log under a flow-file name
     f.write_bytes(SESSION.read_bytes())
-    assert report.read([f], progress=False).totals().requests == 10
+    assert readers.read([f], progress=False).totals().requests == 10
 
 
 def test_garbage_flow_file(tmp_path: Path) -> None:
     f = tmp_path / "flows"
     f.write_bytes(b"12345:this is not a tnetstring at all")
-    rep = report.read([f], progress=False)
+    rep = readers.read([f], progress=False)
     assert [str(p) for p in rep.problems] == [
         f"{f}: not a readable mitmproxy flow file (Invalid data format)"
     ]
@@ -243,7 +245,7 @@ def test_flow_file_truncated_after_a_good_flow(tmp_path: Path) -> None:
     with f.open("wb") as fo:
         mio.FlowWriter(fo).add(tflow.ttcpflow())  # a TCP flow: read, not an LLM request
         fo.write(b"99999:{truncated")
-    rep = report.read([f], progress=False)
+    rep = readers.read([f], progress=False)
     assert [str(p) for p in rep.problems] == [
         f"{f} flow 2: not a readable mitmproxy flow file from here on (Invalid data format)"
     ]
@@ -257,7 +259,7 @@ def test_flow_file_from_another_mitmproxy_version(tmp_path: Path) -> None:
         for _ in range(3):
             tnetstring.dump(state, fo)
         mio.FlowWriter(fo).add(tcp.TCPFlow(tflow.tclient_conn(), tflow.tserver_conn()))  # readable, read on
-    rep = report.read([f], progress=False)
+    rep = readers.read([f], progress=False)
     from mitmproxy import version
 
     assert [str(p) for p in rep.problems] == [
@@ -272,19 +274,19 @@ def test_records_completed_by_a_later_line(tmp_path: Path) -> None:
     partial = {k: v for k, v in first.items() if k not in ("cached_tokens", "prompt_tokens")}
     f = tmp_path / "log.jsonl"
     f.write_text(json.dumps(partial) + "\n" + json.dumps(evidence) + "\n")
-    rep = report.read([f], progress=False)
+    rep = readers.read([f], progress=False)
     (turn,) = rep.turns()
     assert turn.reused() == (42, False)
 
 
 def test_progress_on_request(capsys: pytest.CaptureFixture[str]) -> None:
-    report.read([SESSION], progress=True)
+    readers.read([SESSION], progress=True)
     err = capsys.readouterr().err
     assert f"reading {SESSION}:" in err and err.endswith("\r\033[K")
 
 
 def test_html_is_self_contained_with_a_chart_per_thread() -> None:
-    page = render_html([("", report.read([SESSION], progress=False))])
+    page = render_html([("", readers.read([SESSION], progress=False))])
     assert page.count("<svg") == 2  # main and subagent; side requests get a table only
     lowered = page.lower()
     for needle in ("<script", "<link", " src=", "href=", "url(", "@import"):
@@ -301,7 +303,7 @@ def test_html_escapes_what_it_shows(tmp_path: Path) -> None:
     rec["diverged_at"] = "<b>"
     f = tmp_path / "log.jsonl"
     f.write_text(json.dumps(rec) + "\n")
-    page = render_html([("", report.read([f], progress=False))])
+    page = render_html([("", readers.read([f], progress=False))])
     assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
 
 
@@ -355,7 +357,7 @@ def test_flow_file_is_analysed_offline(tmp_path: Path) -> None:
         writer = mio.FlowWriter(fo)
         for flow in _recorded_session():
             writer.add(flow)
-    _assert_billing_story(report.read([f], progress=False), f)
+    _assert_billing_story(readers.read([f], progress=False), f)
 
 
 def test_har_file_is_analysed_offline(tmp_path: Path) -> None:
@@ -363,7 +365,7 @@ def test_har_file_is_analysed_offline(tmp_path: Path) -> None:
 
     f = tmp_path / "session.har"
     f.write_text(json.dumps(SaveHar().make_har(_recorded_session()), indent=2))
-    _assert_billing_story(report.read([f], progress=False), f)
+    _assert_billing_story(readers.read([f], progress=False), f)
 
 
 RECORD_FIELDS = (
@@ -399,8 +401,8 @@ def test_any_field_values_never_break_the_report() -> None:
         rep = report.Report()
         for i, (rec, sid) in enumerate(recs):
             rep.add({**rec, "stream": sid} if i % 2 else rec, f"f:{i + 1}", "f")
-        report.render_text(rep)
-        report.check_lines(rep)
+        report_text.render_text(rep)
+        report_text.check_lines(rep)
         render_html([("", rep)])
 
     check()

@@ -12,7 +12,8 @@ from stableprefix.core import pipeline
 from stableprefix.core import rules
 from stableprefix.core import volatile
 from stableprefix.core.analyzer import Analyzer
-from stableprefix.report import model as report
+from stableprefix.report import readers
+from stableprefix.report import text as report_text
 
 TICKET = volatile.Field(
     "ticket",
@@ -72,7 +73,7 @@ def test_a_new_field_is_tagged_and_explained(with_ticket: None, tmp_path: Path) 
     assert records[1]["diverged_at"].startswith("system[0]@")
     log = tmp_path / "log.jsonl"
     log.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    text = report.render_text(report.read([log]))
+    text = report_text.render_text(readers.read([log]))
     assert "the ticket id changed: pin it with --set stableprefix_enable=ticket" in text
 
 

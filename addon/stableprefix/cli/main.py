@@ -405,9 +405,10 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from stableprefix.report import model as report
+    from stableprefix.report import readers
+    from stableprefix.report import text as report_text
 
-    rep = report.read(args.files, progress=args.progress)
+    rep = readers.read(args.files, progress=args.progress)
     for p in rep.problems:
         err(str(p))
     code = 0
@@ -422,7 +423,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         err(f"wrote {args.html}")
     try:
         if args.check:
-            lines = report.check_lines(rep)
+            lines = report_text.check_lines(rep)
             for line in lines:
                 print(line)
             if not lines:
@@ -433,7 +434,7 @@ def cmd_report(args: argparse.Namespace) -> int:
                     err("no main-thread requests in the input: nothing was checked")
             code = 1 if lines else 0
         else:
-            sys.stdout.write(report.render_text(rep))
+            sys.stdout.write(report_text.render_text(rep))
         sys.stdout.flush()
     except BrokenPipeError:
         pass

@@ -65,7 +65,8 @@ def run_arm(observe: bool, turns: list[Turn], workdir: Path) -> list[dict[str, A
 
 def main(html: str | None = None) -> int:
     """Run both arms, print the hash table and the report of both logs; `html`: also write the page."""
-    from stableprefix.report import model as report
+    from stableprefix.report import readers
+    from stableprefix.report import text as report_text
     from stableprefix.report.html import render_html
 
     turns = session_turns()
@@ -75,9 +76,9 @@ def main(html: str | None = None) -> int:
         reports = [
             (
                 "Without the addon (observe mode: nothing rewritten)",
-                report.read([Path(tmp) / "without.jsonl"]),
+                readers.read([Path(tmp) / "without.jsonl"]),
             ),
-            ("With the addon", report.read([Path(tmp) / "with.jsonl"])),
+            ("With the addon", readers.read([Path(tmp) / "with.jsonl"])),
         ]
     print("Replaying a Claude-Code-shaped session (3-block system, cch changing per request, 20 tools,")
     print("growing history; B1 is a subagent with another cc_version suffix) through real mitmdump.")
@@ -102,7 +103,7 @@ def main(html: str | None = None) -> int:
     )
     for title, rep in reports:
         print(f"\n=== stableprefix report: {title} ===")
-        print(report.render_text(rep), end="")
+        print(report_text.render_text(rep), end="")
     if html:
         try:
             Path(html).write_text(render_html(reports, title="stableprefix demo report"), encoding="utf-8")

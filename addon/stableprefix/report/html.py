@@ -13,16 +13,16 @@ import time
 
 from stableprefix.core import volatile
 from stableprefix.report.model import SERVER_REMEDY
-from stableprefix.report.model import TURN_HEAD
-from stableprefix.report.model import TURN_RIGHT
 from stableprefix.report.model import Report
 from stableprefix.report.model import Stream
 from stableprefix.report.model import Totals
 from stableprefix.report.model import Turn
 from stableprefix.report.model import fmt
-from stableprefix.report.model import pct
-from stableprefix.report.model import stream_title
-from stableprefix.report.model import turn_row
+from stableprefix.report.text import TURN_HEAD
+from stableprefix.report.text import TURN_RIGHT
+from stableprefix.report.text import pct
+from stableprefix.report.text import stream_title
+from stableprefix.report.text import turn_row
 
 REUSED = "#2e7d32"
 REPROCESSED = "#f9a825"

@@ -1,0 +1,186 @@
+"""The report as text: the per-stream turn tables, the totals with causes and remedies, ``--check``."""
+
+from __future__ import annotations
+
+from stableprefix.core import volatile
+from stableprefix.report.model import CLASS_ORDER
+from stableprefix.report.model import SERVER_REMEDY
+from stableprefix.report.model import Report
+from stableprefix.report.model import Stream
+from stableprefix.report.model import Totals
+from stableprefix.report.model import Turn
+from stableprefix.report.model import fmt
+
+
+def table(rows: list[list[str]], right: set[int], indent: str = "  ") -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    out = []
+    for r in rows:
+        cells = [
+            c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        ]
+        out.append((indent + "  ".join(cells)).rstrip())
+    return out
+
+
+TURN_HEAD = [
+    "#",
+    "class",
+    "verdict",
+    "msgs kept",
+    "diverged at",
+    "cause",
+    "reused/prompt",
+    "lost",
+    "miss",
+    "rules",
+]
+TURN_RIGHT = {0, 3, 6, 7}
+
+
+def turn_row(t: Turn) -> list[str]:
+    reused, r_est = t.reused()
+    prompt, p_est = t.prompt()
+    kept = t.rec.get("common_prefix_messages")
+    msgs = t.messages
+    compared = t.verdict in ("append-only", "changed") and kept is not None
+    kept_s = f"{kept}/{msgs if msgs is not None else '?'}" if compared else "-"
+    fired, observe = t.rules()
+    rules = " ".join(f"{k}={v}" for k, v in fired.items())
+    if observe and rules:
+        rules = "would: " + rules
+    loss = t.lost_tokens()
+    return [
+        str(t.n),
+        t.cls,
+        t.verdict,
+        kept_s,
+        t.location(),
+        t.cause or "-",
+        f"{fmt(reused, r_est) if t.cls != 'count_tokens' else '-'}/{fmt(prompt, p_est)}",
+        fmt(loss, True) if loss is not None else "-",
+        str(t.rec.get("miss") or "-"),
+        rules or "-",
+    ]
+
+
+def stream_title(s: Stream) -> str:
+    sid = s.attr("stream")
+    bits = [f"stream {sid[:12]}" if sid else "stream (no id in the log)", s.cls]
+    bits.append(f"{len(s.turns)} request{'s' if len(s.turns) != 1 else ''}")
+    if sess := s.attr("session"):
+        bits.append(f"session {sess[:12]}")
+    if host := s.attr("host"):
+        bits.append(f"host {host}")
+    first = s.turns[0].where if s.turns else ""
+    bits.append(f"from {first}")
+    return " · ".join(bits)
+
+
+def render_text(report: Report) -> str:
+    lines: list[str] = []
+    t = report.totals()
+    nstreams = len(report.streams)
+    lines.append(
+        f"stableprefix report: {len(report.files)} file{'s' if len(report.files) != 1 else ''}, "
+        f"{t.requests} request{'s' if t.requests != 1 else ''} in {nstreams} stream{'s' if nstreams != 1 else ''}"
+    )
+    side: list[Stream] = []
+    for s in report.ordered_streams():
+        if s.side:
+            side.append(s)
+            continue
+        lines.append("")
+        lines.append(stream_title(s))
+        lines += table([TURN_HEAD] + [turn_row(x) for x in s.turns], TURN_RIGHT)
+    if side:
+        lines.append("")
+        nside = sum(len(s.turns) for s in side)
+        lines.append(
+            f"side requests and token counts: {nside} request{'s' if nside != 1 else ''} in {len(side)} stream{'s' if len(side) != 1 else ''}"
+        )
+        rows = [["stream", *TURN_HEAD]]
+        for s in side:
+            rows += [[s.key[:12], *turn_row(x)] for x in s.turns]
+        lines += table(rows, {i + 1 for i in TURN_RIGHT})
+    lines.append("")
+    lines += render_totals(t)
+    if report.problems:
+        lines.append("")
+        lines.append(f"problems ({len(report.problems)}; see stderr)")
+    return "\n".join(lines) + "\n"
+
+
+def pct(a: int, b: int) -> str:
+    return f"{100 * a / b:.1f}%" if b else "-"
+
+
+def render_totals(t: Totals) -> list[str]:
+    out = ["totals"]
+    classes = ", ".join(
+        f"{k} {v}" for k, v in sorted(t.by_class.items(), key=lambda kv: CLASS_ORDER.get(kv[0], 9))
+    )
+    out.append(f"  requests: {t.requests} ({classes or 'none'})")
+    out.append(
+        f"  turns after the first of their stream: {t.later_turns} (append-only {t.append_only}, changed {t.changed})"
+    )
+    if t.server_requests:
+        out.append(
+            f"  server reported: reused {t.server_cached:,} of {t.server_prompt:,} prompt tokens "
+            f"({pct(t.server_cached, t.server_prompt)}) on {t.server_requests} request{'s' if t.server_requests != 1 else ''}"
+        )
+    else:
+        out.append("  server reported: nothing (no cache figures in the responses)")
+    nclient = sum(t.client_turns.values())
+    out.append(
+        f"  reprocessed because the client changed the prefix: {fmt(t.client_total, True)} tokens "
+        f"on {nclient} turn{'s' if nclient != 1 else ''}"
+    )
+    if nclient:
+        rows = [["cause", "turns", "tokens", "what to do"]]
+        for cause, n in sorted(t.client_turns.items(), key=lambda kv: (-t.client_tokens[kv[0]], kv[0])):
+            rows.append([cause, str(n), fmt(t.client_tokens[cause], True), volatile.remedy(cause)])
+        out += table(rows, {1, 2}, indent="    ")
+    if t.server_turns:
+        out.append(
+            f"  reprocessed although the prefix was kept (server-side): {fmt(t.server_tokens, True)} tokens on "
+            f"{t.server_turns} turn{'s' if t.server_turns != 1 else ''}"
+        )
+        out.append(f"    what to do: {SERVER_REMEDY}")
+    if t.interleaved:
+        out.append(f"  side requests interleaved with a stream: {t.interleaved}")
+    if t.rewritten:
+        fired = " ".join(f"{k}={v}" for k, v in sorted(t.fired.items()))
+        out.append(
+            f"  rules rewrote {t.rewritten} request{'s' if t.rewritten != 1 else ''} ({fired}); "
+            f"prefix they kept reusable on {t.saved_turns} later turn{'s' if t.saved_turns != 1 else ''}: "
+            f"up to {fmt(t.saved, True)} tokens"
+        )
+    if t.observed:
+        fired = " ".join(f"{k}={v}" for k, v in sorted(t.would_fire.items()))
+        out.append(
+            f"  observe mode: rules would rewrite {t.observed} request{'s' if t.observed != 1 else ''} ({fired}) "
+            f"and save {fmt(t.would_save, True)} tokens on {t.would_save_turns} turn{'s' if t.would_save_turns != 1 else ''}"
+        )
+    if t.requests and not t.verdicts:
+        out.append(
+            "  this log has no verdicts (written before stableprefix tracked streams): sizes and rules only"
+        )
+    out.append("  ~ = estimated (4 characters per token); other figures as the server reported them.")
+    out.append(
+        "  lost = tokens of the previous request of the stream processed again after a client-side change."
+    )
+    return out
+
+
+def check_lines(report: Report) -> list[str]:
+    """One line per main-thread turn that lost its prefix for a client-side cause."""
+    out = []
+    for t in report.offences():
+        loss = t.lost_tokens()
+        lost = f", {fmt(loss, True)} tokens reprocessed" if loss is not None else ""
+        out.append(
+            f"{t.where}: main turn {t.n} of stream {t.stream_short()} lost its prefix at {t.location()} "
+            f"(cause {t.cause}){lost}"
+        )
+    return out
