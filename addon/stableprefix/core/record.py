@@ -1,5 +1,4 @@
-"""The per-request record (`Record`, schema version `VERSION`), its one-line log form, the summary lines,
-and the JSONL file it is appended to. docs/record.md documents every field.
+"""The per-request record (`Record`, schema version `VERSION`), its one-line log form and the summary lines. docs/record.md documents every field.
 
 A record holds hosts, paths, names, counts and hashes, never prompt text, header values or credentials
 (the only exception is the opt-in ``context``: a snippet with every letter and digit masked). It is
@@ -9,11 +8,7 @@ request, when the response has completed or the request failed. ``state`` says h
 
 from __future__ import annotations
 
-import json
-import threading
 from collections.abc import Mapping
-from pathlib import Path
-from typing import IO
 from typing import Any
 from typing import Literal
 from typing import TypedDict
@@ -225,27 +220,3 @@ def summary_lines(rows: list[dict[str, Any]]) -> list[str]:
         session = f" session {r['session']}" if r.get("session") else ""
         out.append(f"  {r['class']} {r['stream']}{session}: " + ", ".join(bits))
     return out
-
-
-class JsonlWriter:
-    """Appends one JSON object per line; safe to share between flows; flushed after every line."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path).expanduser()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file: IO[str] = self.path.open("a", encoding="utf-8")
-        self._lock = threading.Lock()
-
-    def write(self, record: Mapping[str, Any]) -> None:
-        line = json.dumps(record, ensure_ascii=False, separators=(",", ":"), default=str)
-        try:
-            line.encode("utf-8")
-        except UnicodeEncodeError:  # a lone surrogate (e.g. in a tool name): escape instead of failing
-            line = json.dumps(record, ensure_ascii=True, separators=(",", ":"), default=str)
-        with self._lock:
-            self._file.write(line + "\n")
-            self._file.flush()
-
-    def close(self) -> None:
-        with self._lock:
-            self._file.close()

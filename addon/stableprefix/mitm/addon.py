@@ -29,11 +29,11 @@ from stableprefix.core.analyzer import SSEFeed
 from stableprefix.core.analyzer import before_state
 from stableprefix.core.record import BEFORE_KEY
 from stableprefix.core.record import META_KEY
-from stableprefix.core.record import JsonlWriter
 from stableprefix.core.record import comment
 from stableprefix.core.record import log_line
 from stableprefix.core.record import summary_lines
 from stableprefix.mitm import contentview  # noqa: F401  (registers the "stableprefix" content view)
+from stableprefix.mitm.jsonl import JsonlWriter
 
 logger = logging.getLogger("stableprefix")
 MARK = ":warning:"  # flow.marked for a client-side miss (mitmweb shows ⚠; filter ~marked)
