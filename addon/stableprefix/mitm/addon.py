@@ -33,28 +33,12 @@ from stableprefix.core.record import comment
 from stableprefix.core.record import log_line
 from stableprefix.core.record import summary_lines
 from stableprefix.mitm import contentview  # noqa: F401  (registers the "stableprefix" content view)
+from stableprefix.mitm import options
 from stableprefix.mitm.jsonl import JsonlWriter
 
 logger = logging.getLogger("stableprefix")
 MARK = ":warning:"  # flow.marked for a client-side miss (mitmweb shows ⚠; filter ~marked)
 RULES_POLL_SECONDS = 1.0
-
-
-def build_rules(billing: str, rules_file: str | None, enable: Sequence[str], disable: Sequence[str]) -> list:
-    """The rule list the options describe. Raises ValueError (RuleError) naming what is wrong."""
-    if billing not in rulelib.BILLING_MODES:
-        raise ValueError(
-            f"stableprefix_billing: {billing!r} is not one of {', '.join(rulelib.BILLING_MODES)}"
-        )
-    rules = rulelib.builtin_rules(billing)
-    user = rulelib.load_rules_file(rules_file) if rules_file else rulelib.RuleSet()
-    rules = rulelib.switch(rules, user.on, user.off) + list(user.rules)
-    known = {r.name for r in rules} | {r.preset for r in rules} | {"billing"}
-    for option, names in (("stableprefix_enable", enable), ("stableprefix_disable", disable)):
-        for name in names:
-            if name not in known:
-                raise ValueError(f"{option}: unknown rule {name!r}; known: {', '.join(sorted(known))}")
-    return rulelib.switch(rules, enable, disable)
 
 
 class StablePrefix:
@@ -129,42 +113,15 @@ class StablePrefix:
 
     def configure(self, updated: set[str]) -> None:
         opts = ctx.options
-        if "stableprefix_passthrough" in updated:
-            for host in opts.stableprefix_passthrough:
-                if not host or any(c in host for c in " /:@") or host != host.strip():
-                    raise exceptions.OptionsError(
-                        f"stableprefix_passthrough: {host!r} is not a host name or glob (e.g. *.anthropic.com)"
-                    )
-        rule_opts = {
-            "stableprefix_billing",
-            "stableprefix_rules",
-            "stableprefix_enable",
-            "stableprefix_disable",
-        }
-        if updated & rule_opts:
+        if updated & options.SETTINGS_OPTIONS:
             try:
-                self._set_rules(self._build_rules())
+                self.settings = options.settings_from(opts)
             except ValueError as e:
                 raise exceptions.OptionsError(str(e)) from None
             self._rules_mtime = self._mtime(opts.stableprefix_rules)
             self._rules_broken = None
-        if updated & (rule_opts | {"stableprefix_passthrough", "stableprefix_observe"}):
-            self.settings = pipeline.Settings(
-                rules=self.settings.rules,
-                observe=opts.stableprefix_observe,
-                passthrough=tuple(opts.stableprefix_passthrough),
-            )
         if "stableprefix_log" in updated:
-            if self.writer:
-                self.writer.close()
-                self.writer = None
-            if opts.stableprefix_log:
-                try:
-                    self.writer = JsonlWriter(opts.stableprefix_log)
-                except OSError as e:
-                    raise exceptions.OptionsError(
-                        f"stableprefix_log: cannot open {opts.stableprefix_log!r}: {e.strerror or e}"
-                    ) from None
+            self._open_log(opts.stableprefix_log)
         if "stableprefix_log_context" in updated:
             self.analyzer.log_context = bool(opts.stableprefix_log_context)
         if "stream_large_bodies" in updated and getattr(opts, "stream_large_bodies", None):
@@ -172,14 +129,17 @@ class StablePrefix:
                 "stableprefix: stream_large_bodies is set; streamed request bodies are not normalised."
             )
 
-    def _build_rules(self) -> list:
-        o = ctx.options
-        return build_rules(
-            o.stableprefix_billing, o.stableprefix_rules, o.stableprefix_enable, o.stableprefix_disable
-        )
-
-    def _set_rules(self, rules: list) -> None:
-        self.settings = pipeline.Settings(tuple(rules), self.settings.observe, self.settings.passthrough)
+    def _open_log(self, path: str | None) -> None:
+        if self.writer:
+            self.writer.close()
+            self.writer = None
+        if path:
+            try:
+                self.writer = JsonlWriter(path)
+            except OSError as e:
+                raise exceptions.OptionsError(
+                    f"stableprefix_log: cannot open {path!r}: {e.strerror or e}"
+                ) from None
 
     @staticmethod
     def _mtime(path: str | None) -> float | None:
@@ -200,15 +160,15 @@ class StablePrefix:
             return
         self._rules_mtime = mtime
         try:
-            rules = self._build_rules()
+            settings = options.settings_from(ctx.options)
         except ValueError as e:
             if str(e) != self._rules_broken:
                 logger.warning(f"stableprefix: keeping the previous rules: {e}")
                 self._rules_broken = str(e)
             return
-        self._set_rules(rules)
+        self.settings = settings
         self._rules_broken = None
-        logger.info(f"stableprefix: reloaded {path}: rules on: {pipeline.rules_summary(rules)}")
+        logger.info(f"stableprefix: reloaded {path}: rules on: {pipeline.rules_summary(settings.rules)}")
 
     def running(self) -> None:
         s = self.settings
