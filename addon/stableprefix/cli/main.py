@@ -110,15 +110,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"stableprefix {VERSION}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser(
+    def command(
+        name: str, help: str, description: str, epilog: str = "", **kw: Any
+    ) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name,
+            help=help,
+            description=description,
+            epilog=epilog,
+            allow_abbrev=False,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            **kw,
+        )
+
+    run = command(
         "run",
+        "start mitmdump/mitmweb with the addon (reverse proxy or HTTPS_PROXY) and print the settings",
+        RUN_DESCRIPTION,
+        RUN_EPILOG,
         usage="stableprefix run (--upstream URL | --proxy) [--port PORT] [--listen-host HOST] [--web]\n"
         "                        [--log FILE] [--confdir DIR] [MITMPROXY ARG ...] [-- MITMPROXY ARG ...]",
-        help="start mitmdump/mitmweb with the addon (reverse proxy or HTTPS_PROXY) and print the settings",
-        description=RUN_DESCRIPTION,
-        epilog=RUN_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        allow_abbrev=False,
     )
     mode = run.add_mutually_exclusive_group(required=True)
     mode.add_argument(
@@ -148,13 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"mitmproxy's configuration directory, where its CA lives (default {DEFAULT_CONFDIR})",
     )
 
-    rep = sub.add_parser(
+    rep = command(
         "report",
-        help="per-stream report of what broke the prompt cache, from a JSONL log or a flow file",
-        description=REPORT_DESCRIPTION,
-        epilog=REPORT_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        allow_abbrev=False,
+        "per-stream report of what broke the prompt cache, from a JSONL log or a flow file",
+        REPORT_DESCRIPTION,
+        REPORT_EPILOG,
     )
     rep.add_argument("files", nargs="+", metavar="FILE", help="JSONL log, mitmproxy flow file or HAR file")
     rep.add_argument(
@@ -173,12 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="show a progress line while reading (default: only on a terminal)",
     )
 
-    demo = sub.add_parser(
+    demo = command(
         "demo",
-        help="replay an embedded Claude-Code-shaped session through mitmdump, without and with the addon",
-        description=DEMO_DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        allow_abbrev=False,
+        "replay an embedded Claude-Code-shaped session through mitmdump, without and with the addon",
+        DEMO_DESCRIPTION,
     )
     demo.add_argument("--html", metavar="OUT", help="also write the report page of both runs to OUT")
     return parser
@@ -230,38 +237,34 @@ def ensure_ca(confdir: Path) -> Path:
 
 
 def reverse_instructions(url: str, upstream: str) -> list[str]:
-    return [
-        "",
-        f"stableprefix: listening at {url}, forwarding to {upstream}",
-        'Add this to ~/.claude/settings.json (merge into an existing "env"):',
-        "",
-        "  {",
-        '    "env": {',
-        f'      "ANTHROPIC_BASE_URL": "{url}"',
-        "    }",
-        "  }",
-        "",
-        f"or, for one shell: export ANTHROPIC_BASE_URL={url}",
-        "CLAUDE_CODE_ATTRIBUTION_HEADER=0 is then unnecessary: stableprefix removes the per-request billing",
-        "header on the way, so your Claude Code settings can stay as they are.",
-        "",
-    ]
+    return f"""
+stableprefix: listening at {url}, forwarding to {upstream}
+Add this to ~/.claude/settings.json (merge into an existing "env"):
+
+  {{
+    "env": {{
+      "ANTHROPIC_BASE_URL": "{url}"
+    }}
+  }}
+
+or, for one shell: export ANTHROPIC_BASE_URL={url}
+CLAUDE_CODE_ATTRIBUTION_HEADER=0 is then unnecessary: stableprefix removes the per-request billing
+header on the way, so your Claude Code settings can stay as they are.
+""".split("\n")
 
 
 def proxy_instructions(url: str, ca: Path) -> list[str]:
-    return [
-        "",
-        f"stableprefix: HTTP(S) proxy listening at {url}",
-        'Start Claude Code with these two variables (or put them in the "env" of ~/.claude/settings.json):',
-        "",
-        f"HTTPS_PROXY={url}",
-        f"NODE_EXTRA_CA_CERTS={ca}",
-        "",
-        "NODE_EXTRA_CA_CERTS makes Claude Code trust mitmproxy's CA. Requests to Anthropic's own API",
-        "(api.anthropic.com) are only observed, never rewritten; point ANTHROPIC_BASE_URL at your https",
-        "model server or gateway to have them normalised.",
-        "",
-    ]
+    return f"""
+stableprefix: HTTP(S) proxy listening at {url}
+Start Claude Code with these two variables (or put them in the "env" of ~/.claude/settings.json):
+
+HTTPS_PROXY={url}
+NODE_EXTRA_CA_CERTS={ca}
+
+NODE_EXTRA_CA_CERTS makes Claude Code trust mitmproxy's CA. Requests to Anthropic's own API
+(api.anthropic.com) are only observed, never rewritten; point ANTHROPIC_BASE_URL at your https
+model server or gateway to have them normalised.
+""".split("\n")
 
 
 class Supervisor:

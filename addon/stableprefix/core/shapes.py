@@ -70,22 +70,21 @@ _PARAMS: dict[Api, tuple[str, ...]] = {
 }
 
 
+#: path suffix -> API (query strings ignored; count_tokens is tried before messages by length)
+_PATH_SUFFIXES = (
+    ("/v1/messages/count_tokens", Api.ANTHROPIC_COUNT),
+    ("/v1/messages", Api.ANTHROPIC),
+    ("/chat/completions", Api.OPENAI_CHAT),
+    ("/v1/responses", Api.OPENAI_RESPONSES),
+    ("/api/chat", Api.OLLAMA_CHAT),
+    ("/api/generate", Api.OLLAMA_GENERATE),
+)
+
+
 def api_for_path(path: str) -> Api | None:
     """The API a request path names (query string ignored), or None."""
     p = path.split("?", 1)[0].rstrip("/")
-    if p.endswith("/v1/messages"):
-        return Api.ANTHROPIC
-    if p.endswith("/v1/messages/count_tokens"):
-        return Api.ANTHROPIC_COUNT
-    if p.endswith("/chat/completions"):
-        return Api.OPENAI_CHAT
-    if p.endswith("/v1/responses"):
-        return Api.OPENAI_RESPONSES
-    if p.endswith("/api/chat"):
-        return Api.OLLAMA_CHAT
-    if p.endswith("/api/generate"):
-        return Api.OLLAMA_GENERATE
-    return None
+    return next((api for suffix, api in _PATH_SUFFIXES if p.endswith(suffix)), None)
 
 
 def detect(path: str, body: dict[str, Any], scopes: frozenset[str] | None = None) -> Shape | None:
