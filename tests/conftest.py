@@ -2,31 +2,14 @@
 
 from __future__ import annotations
 
-import datetime
-import gzip
-import http.client
-import ipaddress
-import json
 from collections.abc import Callable
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from stableprefix.cli import process
 from stableprefix.demo.upstream import Upstream
-
-FIXTURES = Path(__file__).parent / "fixtures"
-
-
-def load_fixture(name: str) -> Any:
-    return json.loads((FIXTURES / name).read_text(encoding="utf-8"))
 
 
 @pytest.fixture
@@ -56,49 +39,3 @@ def mitm(tmp_path: Path) -> Iterator[MitmFactory]:
     yield start
     for p in started:
         p.stop()
-
-
-def post(port: int, path: str, body: bytes | dict[str, Any], headers: dict[str, str] | None = None,
-         gzip_body: bool = False) -> tuple[int, bytes]:  # fmt: skip
-    """POST to 127.0.0.1:`port` on a fresh connection; (status, response body)."""
-    data = json.dumps(body).encode() if isinstance(body, dict) else body
-    hdrs = {"content-type": "application/json", **(headers or {})}
-    if gzip_body:
-        data = gzip.compress(data)
-        hdrs["content-encoding"] = "gzip"
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    try:
-        conn.request("POST", path, data, hdrs)
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
-
-
-def tls_cert(tmp_path: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1 (subjectAltName IP:127.0.0.1) and its key."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_file, key_file = tmp_path / "upstream.pem", tmp_path / "upstream.key"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    return cert_file, key_file

@@ -22,6 +22,7 @@ from stableprefix.core.record import META_KEY
 from stableprefix.demo import samples
 from stableprefix.mitm import addon as addon_mod
 from stableprefix.mitm.addon import StablePrefix
+from tests.support.helpers import read_records as records
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SESSION = samples.Session()
@@ -48,10 +49,6 @@ def answer(
 
 def usage(cached: int, fresh: int) -> dict[str, Any]:
     return {"type": "message", "usage": {"input_tokens": fresh, "cache_read_input_tokens": cached}}
-
-
-def records(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def warnings(caplog: pytest.LogCaptureFixture) -> list[str]:

@@ -10,8 +10,8 @@ import pytest
 from stableprefix.core import pipeline
 from stableprefix.core import rules as rulelib
 from stableprefix.core.pipeline import Settings
-from tests.conftest import FIXTURES
-from tests.conftest import load_fixture
+from tests.support.helpers import FIXTURES
+from tests.support.helpers import load_fixture
 
 DROP = Settings()
 PIN = Settings(rules=tuple(rulelib.builtin_rules("pin")))

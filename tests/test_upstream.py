@@ -5,7 +5,7 @@ import json
 from typing import Any
 
 from stableprefix.demo.upstream import Upstream
-from tests.conftest import post
+from tests.support.helpers import post
 
 
 def test_records_exact_bytes_and_simulates_a_one_slot_cache() -> None:

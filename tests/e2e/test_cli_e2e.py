@@ -21,9 +21,9 @@ from stableprefix.cli import process
 from stableprefix.core import pipeline
 from stableprefix.demo import samples
 from stableprefix.demo.upstream import Upstream
-from tests.conftest import FIXTURES
-from tests.conftest import post
-from tests.conftest import tls_cert
+from tests.support.helpers import FIXTURES
+from tests.support.helpers import post
+from tests.support.helpers import tls_cert
 
 pytestmark = pytest.mark.e2e
 

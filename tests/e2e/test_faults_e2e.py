@@ -4,6 +4,7 @@ its state stays consistent, and what happened is logged once."""
 
 from __future__ import annotations
 
+import functools
 import http.client
 import json
 import os
@@ -13,13 +14,15 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from stableprefix.cli import process
 from stableprefix.demo import samples
 from tests.conftest import MitmFactory
+from tests.support.helpers import free_port
+from tests.support.helpers import read_records as records
+from tests.support.helpers import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -134,21 +137,6 @@ def addon_lines(proxy: process.Proxy, client_port: int) -> list[str]:
     ]
 
 
-def records(log: Path) -> list[dict[str, Any]]:
-    if not log.exists():
-        return []
-    return [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines()]
-
-
-def wait_until(check: Any, timeout: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.05)
-    return bool(check())
-
-
 def serves(proxy: process.Proxy, faulty: FaultyUpstream, target: str = "") -> None:
     """The proxy still answers and still rewrites (the billing block is gone upstream)."""
     conn, _ = connect(proxy.port or 0)
@@ -158,14 +146,6 @@ def serves(proxy: process.Proxy, faulty: FaultyUpstream, target: str = "") -> No
     conn.close()
     assert resp.status == 200
     assert b"x-anthropic-billing-header" not in faulty.bodies[-1]
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def test_upstream_down(mitm: MitmFactory, faulty: FaultyUpstream, tmp_path: Path) -> None:
@@ -181,7 +161,7 @@ def test_upstream_down(mitm: MitmFactory, faulty: FaultyUpstream, tmp_path: Path
         resp.read()
         conn.close()
         assert resp.status == 502
-        assert wait_until(lambda c=client: len(addon_lines(proxy, c)) >= 1)
+        assert wait_until(functools.partial(lambda c: len(addon_lines(proxy, c)) >= 1, client))
         time.sleep(0.2)
         lines = addon_lines(proxy, client)
         assert len(lines) == 1, lines

@@ -23,9 +23,9 @@ from stableprefix.core import pipeline
 from stableprefix.core import rules as rulelib
 from stableprefix.demo import samples
 from stableprefix.demo.upstream import Received
-from tests.conftest import FIXTURES
 from tests.conftest import MitmFactory
-from tests.conftest import post
+from tests.support.helpers import FIXTURES
+from tests.support.helpers import post
 
 pytestmark = pytest.mark.e2e
 

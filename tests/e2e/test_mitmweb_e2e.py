@@ -7,7 +7,6 @@ import http.client
 import json
 import os.path
 import secrets
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -15,17 +14,12 @@ import pytest
 
 from stableprefix.demo import samples
 from stableprefix.demo.upstream import Upstream
+from tests.support.helpers import free_port
 
 pytestmark = pytest.mark.e2e
 
 GIT_OLD = "Status:\nM src/app.py\n?? notes.txt"
 GIT_NEW = "Status:\nM src/app.py\nM src/cli.py\n?? notes.txt"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Web:

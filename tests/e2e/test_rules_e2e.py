@@ -20,7 +20,7 @@ from stableprefix.core import shapes
 from stableprefix.demo import samples
 from stableprefix.demo.upstream import Upstream
 from tests.conftest import MitmFactory
-from tests.conftest import post
+from tests.support.helpers import post
 
 pytestmark = pytest.mark.e2e
 

@@ -29,7 +29,7 @@ from stableprefix.demo import samples
 from stableprefix.demo.upstream import Upstream
 from stableprefix.mitm import contentview
 from tests.conftest import MitmFactory
-from tests.conftest import post
+from tests.support.helpers import post
 
 pytestmark = pytest.mark.e2e
 

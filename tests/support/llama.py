@@ -17,7 +17,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import socket
 import subprocess
 import tempfile
 import time
@@ -30,6 +29,7 @@ from typing import Any
 
 from stableprefix.cli import process
 from stableprefix.demo import samples
+from tests.support.helpers import free_port
 
 MODEL_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALLER = Path(__file__).resolve().parents[2] / "scripts" / "install_llama_server.sh"
@@ -132,12 +132,6 @@ def usage_of(body: dict[str, Any]) -> Usage:
 
 
 # --- processes ----------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def request(port: int, method: str, path: str, body: Any = None, timeout: float = 600.0) -> tuple[int, bytes]:
