@@ -421,7 +421,9 @@ def assert_only_edited_spans_changed(raw: bytes, forward: bytes, edits: list[jso
     last = max(bounds(e)[1] for e in edits)
     assert after.startswith(before[:first]), "text before the first edit changed"
     assert after.endswith(before[last:]), "text after the last edit changed"
-    assert checked >= 0
+    # every value off the edited paths was compared, or there was none (all on an edited path)
+    off_edits = [p for p in old if p and not any(_is_prefix(e, p) or _is_prefix(p, e) for e in edited)]
+    assert checked > 0 or not off_edits, f"{len(off_edits)} untouched values were never compared"
 
 
 # --- helpers --------------------------------------------------------------------------------------------

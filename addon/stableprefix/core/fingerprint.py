@@ -23,10 +23,7 @@ from dataclasses import dataclass
 from dataclasses import field
 from typing import Any
 
-try:  # optional speed-up; the bytes are the same with or without it (see canonical_bytes)
-    import orjson
-except ImportError:  # pragma: no cover
-    orjson = None  # type: ignore[assignment]
+import orjson
 
 from stableprefix.core import volatile
 from stableprefix.core.shapes import Parts
@@ -92,7 +89,7 @@ def canonical_dump(value: Any) -> bytes:
     """
     floats: list[float] = []
     canon = _walk(value, floats)
-    if orjson is not None and not floats:
+    if not floats:
         try:
             return orjson.dumps(canon, option=orjson.OPT_SORT_KEYS)
         except TypeError:  # orjson.JSONEncodeError: big integer, lone surrogate

@@ -16,10 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 from typing import NamedTuple
 
-try:  # optional speed-up for locating members of nested containers; results are the same without it
-    import orjson
-except ImportError:  # pragma: no cover
-    orjson = None  # type: ignore[assignment]
+import orjson
 
 type Key = str | int
 type JsonPath = tuple[Key, ...]
@@ -193,8 +190,6 @@ def _members_of(text: str, i: int, value: Any) -> list[_Member] | None:
     accepted only when the text holds exactly those characters followed by a separator, so every span is
     proven; None as soon as one is not (other spacing or escapes): the caller parses the container instead.
     """
-    if orjson is None:
-        return None
     is_object = text[i] == "{"
     if is_object != isinstance(value, dict) or (not is_object and not isinstance(value, list)):
         return None

@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable
 from dataclasses import dataclass
 from dataclasses import field
 from typing import Any
@@ -125,9 +124,6 @@ class Snapshot:
     @property
     def first(self) -> Message | None:
         return self.detail.messages[0] if self.detail.messages else None
-
-    def total_chars(self) -> int:
-        return self.system_chars + self.tools_chars + sum(self.message_chars)
 
 
 @dataclass
@@ -581,7 +577,3 @@ class Tracker:
 
     def __len__(self) -> int:
         return len(self._streams)
-
-    def streams(self) -> Iterable[Stream]:
-        with self._lock:
-            return list(self._streams.values())
