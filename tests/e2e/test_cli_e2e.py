@@ -18,7 +18,6 @@ from mitmproxy.io import tnetstring
 from mitmproxy.test import tflow
 
 from stableprefix.cli import process
-from stableprefix.core import pipeline
 from stableprefix.demo import samples
 from stableprefix.demo.upstream import Upstream
 from tests.support.helpers import FIXTURES
@@ -32,10 +31,7 @@ BODY = FIXTURES / "cc_2_1_39_cch.json"
 REPORT_FIXTURES = FIXTURES
 
 
-def expected(raw: bytes, settings: pipeline.Settings | None = None) -> bytes:
-    result = pipeline.process("POST", "127.0.0.1", "/v1/messages", raw, settings or pipeline.Settings())
-    assert result is not None
-    return result.forward if result.forward is not None else raw
+FORWARDED = (FIXTURES / "forwarded" / BODY.name).read_bytes()  # checked by tests/test_fixtures.py
 
 
 class Cli:
@@ -167,7 +163,7 @@ def test_run_upstream_prints_settings_normalises_and_stops_on_ctrl_c(
     raw = BODY.read_bytes()
     status, _ = post(port, "/v1/messages?beta=true", raw)
     assert status == 200
-    assert upstream.received[-1].body == expected(raw)  # billing block gone, everything else byte-equal
+    assert upstream.received[-1].body == FORWARDED  # billing block gone, everything else byte-equal
     cli.wait_for("changed billing=1")
 
     (child,) = cli.children()
@@ -215,7 +211,7 @@ def test_run_web_starts_mitmweb(clis, upstream: Upstream, tmp_path: Path) -> Non
     )  # "stableprefix: running .../mitmweb"
     raw = BODY.read_bytes()
     post(port, "/v1/messages", raw)
-    assert upstream.received[-1].body == expected(raw)
+    assert upstream.received[-1].body == FORWARDED
     assert cli.stop() == 0
 
 
@@ -252,7 +248,7 @@ def test_run_proxy_prints_proxy_and_ca_lines_that_work(clis, tmp_path: Path) -> 
         done = subprocess.run(client, env=env, capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr + cli.output()
         assert done.stdout.split() == ["200"]
-        assert up.received[-1].body == expected(BODY.read_bytes())
+        assert up.received[-1].body == FORWARDED
         assert cli.stop() == 0
 
 

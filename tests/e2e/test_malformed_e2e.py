@@ -25,6 +25,7 @@ from stableprefix.demo import samples
 from stableprefix.demo.upstream import Received
 from tests.conftest import MitmFactory
 from tests.support.helpers import FIXTURES
+from tests.support.helpers import assert_only_deleted
 from tests.support.helpers import post
 
 pytestmark = pytest.mark.e2e
@@ -103,9 +104,13 @@ def wait_count(proxy: process.Proxy, n: int, timeout: float = 10.0) -> list[str]
 
 
 def expected(raw: bytes, path: str = "/v1/messages") -> bytes:
+    """The core's output for `raw`, itself checked independently: `raw` with the header cut, nothing else."""
     result = pipeline.process("POST", "127.0.0.1", path, raw, pipeline.Settings())
     assert result is not None
-    return result.forward if result.forward is not None else raw
+    if result.forward is None:
+        return raw
+    assert_only_deleted(raw, result.forward)
+    return result.forward
 
 
 def valid_body() -> bytes:

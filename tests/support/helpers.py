@@ -95,3 +95,16 @@ def tls_cert(tmp_path: Path) -> tuple[Path, Path]:
         )
     )
     return cert_file, key_file
+
+
+def assert_only_deleted(sent: bytes, forwarded: bytes, gone: bytes = b"x-anthropic-billing-header") -> bytes:
+    """Check, without the code under test, that `forwarded` is `sent` with spans deleted and nothing else
+    (no byte inserted or replaced), that `gone` was among them and is no longer there; the deleted bytes."""
+    import difflib
+
+    ops = difflib.SequenceMatcher(None, sent, forwarded, autojunk=False).get_opcodes()
+    assert {op for op, *_ in ops} <= {"equal", "delete"}, "bytes were inserted or replaced"
+    deleted = b"".join(sent[i1:i2] for op, i1, i2, _, _ in ops if op == "delete")
+    assert gone in deleted and gone not in forwarded
+    json.loads(forwarded)  # still a JSON document
+    return deleted
