@@ -206,7 +206,9 @@ def test_fixture_loader_reads_json() -> None:
 
 
 def test_an_internal_error_forwards_the_original_with_a_warning() -> None:
-    bad = rulelib.Rule("boom", ("path:messages",), "pin", value=object())  # not JSON-serialisable
+    bad = rulelib.Rule(
+        "boom", rulelib.parse_scopes(["path:messages"]), "pin", value=object()
+    )  # not JSON-serialisable
     raw = (FIXTURES / "cc_2_1_39_cch.json").read_bytes()
     result = pipeline.process("POST", "h", "/v1/messages", raw, Settings(rules=(bad,)))
     assert result is not None and result.forward is None

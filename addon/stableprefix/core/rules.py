@@ -32,6 +32,7 @@ from dataclasses import field
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+from typing import NamedTuple
 from typing import Protocol
 
 import re2
@@ -144,12 +145,39 @@ class BillingMatcher:
         return out
 
 
+class Scope(NamedTuple):
+    """A scope parsed once: ``system``, ``tools``, ``messages`` (``role``: user, assistant, tool or *) or
+    ``path`` (``pattern``: the parsed ``a.b[*].c``); ``text`` as written."""
+
+    kind: str
+    text: str
+    role: str = ""
+    pattern: tuple[str | int | None, ...] = ()
+
+
+def parse_scope(scope: str) -> Scope:
+    """Parse one scope as a rules file writes it; ValueError naming it when it is not one."""
+    if scope in ("system", "tools"):
+        return Scope(scope, scope)
+    if scope.startswith("messages:") and scope.split(":", 1)[1] in ROLES:
+        return Scope("messages", scope, role=scope.split(":", 1)[1])
+    if scope.startswith("path:"):
+        return Scope("path", scope, pattern=parse_path_pattern(scope[5:]))
+    raise ValueError(
+        f"unknown scope {scope!r} (system, tools, messages:<{'|'.join(ROLES)}>, path:<a.b[*].c>)"
+    )
+
+
+def parse_scopes(scopes: Iterable[str | Scope]) -> tuple[Scope, ...]:
+    return tuple(s if isinstance(s, Scope) else parse_scope(s) for s in scopes)
+
+
 @dataclass(frozen=True)
 class Rule:
     """A named, switchable edit of one part of a request."""
 
     name: str
-    scopes: tuple[str, ...]
+    scopes: tuple[Scope, ...]
     action: str
     matcher: Matcher | None = None
     value: Any = None  # str, or a table group -> str, or (path rules) any JSON value
@@ -176,10 +204,10 @@ def builtin_rules(billing_mode: str = "drop") -> list[Rule]:
                 if billing_mode == "pin"
                 else None
             )
-            out.append(Rule(f.name, f.scopes, billing_mode, BillingMatcher(), pins, f.enabled))
+            out.append(Rule(f.name, parse_scopes(f.scopes), billing_mode, BillingMatcher(), pins, f.enabled))
             continue
         matcher = RegexMatcher.compile(f.pattern) if f.pattern else None
-        out.append(Rule(f.name, f.scopes, str(f.action), matcher, f.value, f.enabled))
+        out.append(Rule(f.name, parse_scopes(f.scopes), str(f.action), matcher, f.value, f.enabled))
     return out
 
 
@@ -205,19 +233,6 @@ def switch(rules: Iterable[Rule], on: Iterable[str] = (), off: Iterable[str] = (
 # --- building rules from data (TOML) -------------------------------------------------------------------
 
 
-def _check_scope(scope: str) -> None:
-    if scope in ("system", "tools"):
-        return
-    if scope.startswith("messages:") and scope.split(":", 1)[1] in ROLES:
-        return
-    if scope.startswith("path:"):
-        parse_path_pattern(scope[5:])
-        return
-    raise ValueError(
-        f"unknown scope {scope!r} (system, tools, messages:<{'|'.join(ROLES)}>, path:<a.b[*].c>)"
-    )
-
-
 def make_rule(spec: Mapping[str, Any]) -> Rule:
     """A rule from a table of a rules file. Raises ValueError naming the problem."""
     known = {"name", "scope", "match", "action", "value", "enabled", "description"}
@@ -230,8 +245,7 @@ def make_rule(spec: Mapping[str, Any]) -> Rule:
     scopes = (scope,) if isinstance(scope, str) else scope
     if not isinstance(scopes, list | tuple) or not scopes or not all(isinstance(s, str) for s in scopes):
         raise ValueError("scope must be a string or a non-empty list of strings")
-    for s in scopes:
-        _check_scope(s)
+    parsed = parse_scopes(scopes)
     action = spec.get("action")
     if action not in ACTIONS:
         raise ValueError(f"unknown action {action!r}; one of {', '.join(ACTIONS)}")
@@ -265,7 +279,7 @@ def make_rule(spec: Mapping[str, Any]) -> Rule:
             raise ValueError("value must be a string or a table of strings per named group")
     if action == "pin" and value is None:
         raise ValueError("action pin needs a 'value'")
-    return Rule(name, tuple(scopes), action, matcher, value, enabled)
+    return Rule(name, parsed, action, matcher, value, enabled)
 
 
 @dataclass(frozen=True)
@@ -402,21 +416,25 @@ def slot_scopes(rules: Iterable[Rule]) -> frozenset[str] | None:
     None when a rule reads every role."""
     out: set[str] = set()
     for r in rules:
-        if not r.enabled or r.matcher is None or "tools" in r.scopes:
+        if not r.enabled or r.matcher is None or _has(r, "tools"):
             continue
         for s in r.scopes:
-            if s == "messages:*":
+            if s.kind == "messages" and s.role == "*":
                 return None
-            if s == "system" or s.startswith("messages:"):
-                out.add(s.split(":", 1)[-1])
+            if s.kind in ("system", "messages"):
+                out.add(s.role or s.kind)
     return frozenset(out)
+
+
+def _has(rule: Rule, kind: str) -> bool:
+    return any(s.kind == kind for s in rule.scopes)
 
 
 def _in_scope(rule: Rule, slot: TextSlot) -> bool:
     for s in rule.scopes:
-        if s == "system" and slot.scope == "system":
+        if s.kind == "system" and slot.scope == "system":
             return True
-        if s.startswith("messages:") and slot.scope != "system" and s[9:] in ("*", slot.scope):
+        if s.kind == "messages" and slot.scope != "system" and s.role in ("*", slot.scope):
             return True
     return False
 
@@ -467,9 +485,7 @@ def apply(
     sticky = sticky if sticky is not None else StickyMemory()
     out = Outcome()
     active = [r for r in rules if r.enabled]
-    text_rules = [
-        r for r in active if r.matcher is not None and r.action != "sort" and "tools" not in r.scopes
-    ]
+    text_rules = [r for r in active if r.matcher is not None and r.action != "sort" and not _has(r, "tools")]
     leads: dict[JsonPath, bool] = {}  # per container: every text before this one is being removed
     for slot in shape.slots:
         container = (slot.block or slot.path)[:-1]
@@ -492,16 +508,16 @@ def apply(
         )
     # Path rules, then tools rules, each on the body as the rules before it left it; their edits are mapped
     # back to the original body's indices (earlier rules may have deleted array elements).
-    for kind in ("path:", "tools"):
+    for kind in ("path", "tools"):
         for rule in active:
             for scope in rule.scopes:
-                if scope.startswith(kind):
+                if scope.kind == kind:
                     body = apply_edits(shape.body, out.edits) if out.edits else shape.body
                     step = Outcome()
                     if kind == "tools":
                         _apply_tools_rule(rule, body, step)
                     else:
-                        _apply_path_rule(rule, scope[5:], body, session, sticky, step)
+                        _apply_path_rule(rule, scope.pattern, body, session, sticky, step)
                     out.edits += [_in_original(e, out.edits) for e in step.edits]
                     out.fired.update(step.fired)
     out.fired = Counter({k: v for k, v in out.fired.items() if v})
@@ -535,9 +551,14 @@ def _in_original(edit: Edit, edits: Sequence[Edit]) -> Edit:
 
 
 def _apply_path_rule(
-    rule: Rule, pattern: str, body: Any, session: str, sticky: StickyMemory, out: Outcome
+    rule: Rule,
+    pattern: Sequence[str | int | None],
+    body: Any,
+    session: str,
+    sticky: StickyMemory,
+    out: Outcome,
 ) -> None:
-    for path in list(expand_path(body, parse_path_pattern(pattern))):
+    for path in list(expand_path(body, pattern)):
         old = body
         for k in path:
             old = old[k]
