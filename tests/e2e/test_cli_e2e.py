@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from stableprefix.demo.upstream import Upstream
 from tests.support.helpers import FIXTURES
 from tests.support.helpers import post
 from tests.support.helpers import tls_cert
+from tests.support.helpers import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -34,45 +34,27 @@ REPORT_FIXTURES = FIXTURES
 FORWARDED = (FIXTURES / "forwarded" / BODY.name).read_bytes()  # checked by tests/test_fixtures.py
 
 
-class Cli:
+class Cli(process.Child):
     """`stableprefix ARGS` in the background; its output kept line by line."""
 
     def __init__(self, *args: str) -> None:
-        self.proc = subprocess.Popen(
-            [SCRIPT, *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            text=True,
-            bufsize=1,
-        )
-        self.lines: list[str] = []
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._pump, daemon=True)
-        self._thread.start()
+        super().__init__([SCRIPT, *args])
 
-    def _pump(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            with self._lock:
-                self.lines.append(line.rstrip("\n"))
+    def wait_for(self, pattern: str, timeout: float = 60.0) -> re.Match[str]:  # type: ignore[override]
+        found: list[re.Match[str]] = []
 
-    def output(self) -> str:
-        with self._lock:
-            return "\n".join(self.lines)
-
-    def wait_for(self, pattern: str, timeout: float = 30.0) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def seen() -> bool:
+            ended = self.proc.poll() is not None
+            if ended:
+                self.drained(2)
             if m := re.search(pattern, self.output()):
-                return m
-            if self.proc.poll() is not None:
-                self._thread.join(2)
-                if m := re.search(pattern, self.output()):
-                    return m
-                break
-            time.sleep(0.05)
-        raise AssertionError(f"{pattern!r} not in the output of stableprefix:\n{self.output()}")
+                found.append(m)
+            return bool(found) or ended
+
+        wait_until(seen, timeout)
+        if not found:
+            raise AssertionError(f"{pattern!r} not in the output of stableprefix:\n{self.output()}")
+        return found[0]
 
     def children(self) -> list[int]:
         """Pids of the processes this one started (mitmdump)."""
@@ -87,16 +69,8 @@ class Cli:
                     out.append(int(d.name))
         return out
 
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, sig)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-        code = self.proc.wait()
-        self._thread.join(5)
-        return code
+    def stop(self, grace: float = 20.0, sig: int = signal.SIGTERM) -> int:
+        return super().stop(grace, sig)
 
 
 @pytest.fixture
@@ -110,7 +84,7 @@ def clis() -> object:
 
     yield start
     for c in started:
-        c.stop(signal.SIGKILL)
+        c.stop(sig=signal.SIGKILL)
 
 
 def gone(pid: int, timeout: float = 10.0) -> bool:
@@ -167,7 +141,7 @@ def test_run_upstream_prints_settings_normalises_and_stops_on_ctrl_c(
     cli.wait_for("changed billing=1")
 
     (child,) = cli.children()
-    assert cli.stop(signal.SIGINT) == 0  # Ctrl-C: forwarded to mitmdump, which shuts down cleanly
+    assert cli.stop(sig=signal.SIGINT) == 0  # Ctrl-C: forwarded to mitmdump, which shuts down cleanly
     assert gone(child)
     assert "stableprefix summary:" in cli.output()  # the addon's done() ran
     assert "Traceback" not in cli.output()
@@ -192,7 +166,7 @@ def test_run_passes_unknown_arguments_to_mitmdump_and_stops_on_sigterm(
     post(port, "/v1/messages", raw)
     assert upstream.received[-1].body == raw  # observe mode reached the addon: nothing rewritten
     (child,) = cli.children()
-    assert cli.stop(signal.SIGTERM) == 0
+    assert cli.stop(sig=signal.SIGTERM) == 0
     assert gone(child)
 
 

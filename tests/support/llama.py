@@ -18,7 +18,6 @@ import http.client
 import json
 import os
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable
 from collections.abc import Iterator
@@ -30,6 +29,7 @@ from typing import Any
 from stableprefix.cli import process
 from stableprefix.demo import samples
 from tests.support.helpers import free_port
+from tests.support.helpers import wait_until
 
 MODEL_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALLER = Path(__file__).resolve().parents[2] / "scripts" / "install_llama_server.sh"
@@ -156,27 +156,22 @@ class LlamaServer:
         if cache_ram is not None:
             self.args += ["--cache-ram", str(cache_ram)]
         self.args += list(extra)
-        self.log = tempfile.NamedTemporaryFile("w+", prefix="llama-server-", suffix=".log", delete=False)
-        self.proc = subprocess.Popen(
-            self.args, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-        )
-        deadline = time.monotonic() + timeout
-        while True:
+        self.child = process.Child(self.args, keep=2000)
+        self.proc = self.child.proc
+
+        def healthy() -> bool:
             if self.proc.poll() is not None:
                 raise RuntimeError(
                     f"llama-server exited with {self.proc.returncode}:\n{self.output()[-3000:]}"
                 )
             try:
-                if request(self.port, "GET", "/health", timeout=5)[0] == 200:
-                    break
+                return request(self.port, "GET", "/health", timeout=5)[0] == 200
             except OSError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(
-                    f"llama-server not healthy after {timeout:.0f} s:\n{self.output()[-3000:]}"
-                )
-            time.sleep(0.1)
+                return False
+
+        if not wait_until(healthy, timeout, interval=0.1):
+            self.stop()
+            raise RuntimeError(f"llama-server not healthy after {timeout:.0f} s:\n{self.output()[-3000:]}")
 
     @property
     def pid(self) -> int:
@@ -187,10 +182,7 @@ class LlamaServer:
         return f"http://127.0.0.1:{self.port}"
 
     def output(self) -> str:
-        try:
-            return Path(self.log.name).read_text(errors="replace")
-        except OSError:
-            return ""
+        return self.child.output()
 
     def metrics(self) -> dict[str, float]:
         status, data = request(self.port, "GET", "/metrics", timeout=30)
@@ -208,11 +200,8 @@ class LlamaServer:
         return len(json.loads(data)["tokens"])
 
     def stop(self) -> int:
-        """SIGTERM by pid, SIGKILL after 15 s; the exit status. The log file is removed."""
-        code = process.terminate(self.proc, grace=15)
-        self.log.close()
-        Path(self.log.name).unlink(missing_ok=True)
-        return code
+        """SIGTERM by pid, SIGKILL after 15 s; the exit status."""
+        return self.child.stop(grace=15)
 
     def __enter__(self) -> LlamaServer:
         return self

@@ -12,7 +12,6 @@ import argparse
 import os
 import shlex
 import signal
-import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -273,7 +272,7 @@ class Supervisor:
     def __init__(self, cmd: list[str], instructions: Any) -> None:
         self.cmd = cmd
         self.instructions = instructions  # port -> lines
-        self.proc: subprocess.Popen[str] | None = None
+        self.child: process.Child | None = None
         self.announced = False
         self.addon_seen = False
         self._out = threading.Lock()
@@ -289,8 +288,8 @@ class Supervisor:
                 pass
 
     def _forward(self, signum: int, frame: FrameType | None) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM if signum == signal.SIGHUP else signum)
+        if self.child is not None and self.child.proc.poll() is None:
+            os.kill(self.child.pid, signal.SIGTERM if signum == signal.SIGHUP else signum)
 
     def _warn_no_addon(self) -> None:
         if not self.addon_seen:
@@ -299,19 +298,24 @@ class Supervisor:
                 "for one of its options does not parse (e.g. stableprefix_observe=yes); check the options"
             )
 
+    def _line(self, line: str) -> None:
+        """Relay one line of mitmproxy's output; once it listens, print the settings to paste."""
+        self.say(line)
+        if process.READY_MARK in line:
+            self.addon_seen = True
+        if not self.announced and "Web server" not in line and (m := process.LISTEN_RE.search(line.rstrip())):
+            self.announced = True
+            self.say(self.instructions(int(m.group(1))))
+            if not self.addon_seen:
+                self._timer = threading.Timer(ADDON_GRACE_SECONDS, self._warn_no_addon)
+                self._timer.daemon = True
+                self._timer.start()
+
     def run(self) -> int:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         try:
             # own process group: Ctrl-C reaches only us, and we stop mitmproxy once, cleanly
-            self.proc = subprocess.Popen(
-                self.cmd,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                text=True,
-                bufsize=1,
-                env=env,
-                process_group=0,
+            self.child = process.Child(
+                self.cmd, self._line, {"PYTHONUNBUFFERED": "1"}, own_group=True, keep=200
             )
         except OSError as e:
             err(f"cannot start {self.cmd[0]}: {e.strerror or e}")
@@ -319,27 +323,12 @@ class Supervisor:
         handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
         previous = {s: signal.signal(s, self._forward) for s in handled}
         try:
-            assert self.proc.stdout is not None
-            for line in self.proc.stdout:
-                self.say(line.rstrip("\n"))
-                if process.READY_MARK in line:
-                    self.addon_seen = True
-                if (
-                    not self.announced
-                    and "Web server" not in line
-                    and (m := process.LISTEN_RE.search(line.rstrip()))
-                ):
-                    self.announced = True
-                    self.say(self.instructions(int(m.group(1))))
-                    if not self.addon_seen:
-                        self._timer = threading.Timer(ADDON_GRACE_SECONDS, self._warn_no_addon)
-                        self._timer.daemon = True
-                        self._timer.start()
-            code = self.proc.wait()
+            code = self.child.proc.wait()
+            self.child.drained()
         finally:
             if self._timer:
                 self._timer.cancel()
-            process.terminate(self.proc)
+            self.child.stop()
             for s, h in previous.items():
                 signal.signal(s, h)
         if code < 0:  # killed by a signal: report it the way a shell does
