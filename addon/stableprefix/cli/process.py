@@ -54,8 +54,14 @@ class Child:
     `keep` lines) and handed to `on_line`; stopped by pid. The one way this project supervises a process
     (mitmproxy for the CLI, the demo and the tests; llama-server and routers for the tests)."""
 
-    def __init__(self, args: list[str], on_line: Callable[[str], None] | None = None,
-                 env: dict[str, str] | None = None, own_group: bool = False, keep: int = 20_000) -> None:  # fmt: skip
+    def __init__(
+        self,
+        args: list[str],
+        on_line: Callable[[str], None] | None = None,
+        env: dict[str, str] | None = None,
+        own_group: bool = False,
+        keep: int = 20_000,
+    ) -> None:
         self.args = args
         self.lines: deque[str] = deque(maxlen=keep)
         self._on_line = on_line
@@ -137,8 +143,13 @@ def command(
 class Proxy:
     """A running mitmdump or mitmweb subprocess, ready once it listens and the addon said it is active."""
 
-    def __init__(self, args: list[str], wait_for_addon: bool = True, timeout: float = 90.0,
-                 env: dict[str, str] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        args: list[str],
+        wait_for_addon: bool = True,
+        timeout: float = 90.0,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.args = args
         self.port: int | None = None
         self.web_port: int | None = None

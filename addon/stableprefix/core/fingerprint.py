@@ -120,9 +120,16 @@ class Fingerprint:
 
 
 RECORD_FIELDS = (
-    "system_hash", "tools_hash", "tool_names", "params_hash", "prefix_hash", "chain",
-    "system_chars", "tools_chars", "message_chars",
-)  # fmt: skip
+    "system_hash",
+    "tools_hash",
+    "tool_names",
+    "params_hash",
+    "prefix_hash",
+    "chain",
+    "system_chars",
+    "tools_chars",
+    "message_chars",
+)
 
 
 def prefix_hashes(parts: Parts) -> tuple[str, str, str]:

@@ -68,8 +68,14 @@ Record = TypedDict(
 
 def new(host: str, path: str, api: str, state: State = "sent") -> dict[str, Any]:
     """A record's first fields (the one place records are created)."""
-    return {"v": VERSION, "state": state, "host": host, "path": path.split("?", 1)[0], "api": api,
-            "rewritten": False}  # fmt: skip
+    return {
+        "v": VERSION,
+        "state": state,
+        "host": host,
+        "path": path.split("?", 1)[0],
+        "api": api,
+        "rewritten": False,
+    }
 
 
 def upgrade(record: dict[str, Any]) -> dict[str, Any]:

@@ -109,7 +109,7 @@ FIELDS: tuple[Field, ...] = (
         scopes=("path:metadata.user_id",),
         action="pin",
         value="stableprefix",
-    ),  # fmt: skip
+    ),
     Field(
         "cache_markers_only",
         "only cache_control markers moved: servers do not render them, nothing to do",

@@ -225,8 +225,10 @@ def cards(t: Totals) -> str:
 def causes(t: Totals) -> str:
     if not t.client_turns and not t.server_turns:
         return '<p class="note">No turn lost its prefix to a client-side change.</p>'
-    rows = ['<table><thead><tr><th>cause</th><th class="r">turns</th><th class="r">tokens</th>'
-            "<th>what to do</th></tr></thead><tbody>"]  # fmt: skip
+    rows = [
+        '<table><thead><tr><th>cause</th><th class="r">turns</th><th class="r">tokens</th>'
+        "<th>what to do</th></tr></thead><tbody>"
+    ]
     for cause, n in sorted(t.client_turns.items(), key=lambda kv: (-t.client_tokens[kv[0]], kv[0])):
         rows.append(
             f'<tr><td>{e(cause)}</td><td class="r">{n}</td><td class="r">{e(fmt(t.client_tokens[cause], True))}</td>'
