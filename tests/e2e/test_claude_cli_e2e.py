@@ -218,6 +218,13 @@ def test_two_turns_and_a_new_conversation_share_the_system_and_tools_prefix(cli:
     # what the CLI sent: no cch, one suffix per conversation (same on --continue, another for B)
     assert all("cch=" not in h and h.endswith("; cc_entrypoint=sdk-cli;") for h in headers)
     assert headers[0] == headers[1] != headers[2]
+    # between turns the inline environment message goes from a marked one-block list to a plain string:
+    # the same text as a server renders it, so the second turn is still append-only
+    env1, env2 = (json.loads(r.content or b"")["messages"][1] for r in cli.client_requests()[:2])
+    assert env1["role"] == env2["role"] == "system" and isinstance(env2["content"], str)
+    assert env1["content"] == [
+        {"type": "text", "text": env2["content"], "cache_control": env1["content"][0]["cache_control"]}
+    ]
     assert (a1["verdict"], a2["verdict"], b1["verdict"]) == ("first", "append-only", "first")
     assert a1["stream"] == a2["stream"] != b1["stream"]
     # with the header gone both conversations share system and tools
