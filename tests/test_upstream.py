@@ -50,3 +50,66 @@ def test_cache_markers_and_count_tokens_do_not_cost_reuse() -> None:
         again = {"system": "s" * 400, "messages": [{"role": "user", "content": "a"}]}  # marker moved away
         usage = json.loads(post(up.port, "/v1/messages", again)[1])["usage"]
         assert usage["input_tokens"] <= 1
+
+
+def sse_data(text: str) -> list[Any]:
+    return [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+
+
+def test_anthropic_stream_events_in_protocol_order_and_usage_in_start_and_delta() -> None:
+    with Upstream() as up:
+        body = {"model": "m1", "system": "s" * 80, "messages": [], "stream": True}
+        text = post(up.port, "/v1/messages", body)[1].decode()
+    names = [line[7:] for line in text.splitlines() if line.startswith("event: ")]
+    assert names == ["message_start", "content_block_start", "ping", "content_block_delta",
+                     "content_block_delta", "content_block_stop", "message_delta", "message_stop"]  # fmt: skip
+    events = sse_data(text)
+    assert [e["type"] for e in events] == names
+    start = events[0]["message"]
+    assert (start["type"], start["role"], start["model"], start["content"]) == (
+        "message",
+        "assistant",
+        "m1",
+        [],
+    )
+    assert start["usage"]["input_tokens"] == len(json.dumps("s" * 80) + json.dumps([])) // 4
+    assert events[-2]["delta"]["stop_reason"] == "end_turn" and events[-2]["usage"]["output_tokens"] >= 1
+
+
+def test_replier_answers_tool_use_and_openai_gets_the_text_only() -> None:
+    call = {"type": "tool_use", "name": "Agent", "input": {"prompt": "p"}}
+    with Upstream(replier=lambda path, body: [{"type": "text", "text": "hi"}, call]) as up:
+        msg = json.loads(post(up.port, "/v1/messages", {"messages": []})[1])
+        chat = json.loads(post(up.port, "/v1/chat/completions", {"messages": []})[1])
+    assert msg["stop_reason"] == "tool_use"
+    assert msg["content"][1]["input"] == {"prompt": "p"} and msg["content"][1]["name"] == "Agent"
+    assert chat["choices"][0]["message"]["content"] == "hi"
+
+
+def test_chat_stream_carries_usage_only_when_asked() -> None:
+    with Upstream() as up:
+        plain = sse_data(post(up.port, "/v1/chat/completions", {"messages": [], "stream": True})[1].decode())
+        asked = {"messages": [], "stream": True, "stream_options": {"include_usage": True}}
+        withu = sse_data(post(up.port, "/v1/chat/completions", asked)[1].decode())
+    assert not any("usage" in c for c in plain) and "timings" in plain[-1]
+    assert withu[-1]["choices"] == [] and withu[-1]["usage"]["prompt_tokens"] >= 1
+    assert all(c["object"] == "chat.completion.chunk" for c in plain + withu)
+
+
+def test_ollama_streams_ndjson_when_asked() -> None:
+    with Upstream() as up:
+        lines = post(up.port, "/api/chat", {"messages": [], "stream": True})[1].decode().splitlines()
+        gen = json.loads(post(up.port, "/api/generate", {"prompt": "x"})[1])
+    objs = [json.loads(line) for line in lines]
+    assert "".join(o["message"]["content"] for o in objs) == "ok done"
+    assert [o["done"] for o in objs][-1] is True and "prompt_eval_cached_count" in objs[-1]
+    assert gen["response"] == "ok done" and gen["done"] is True
+
+
+def test_string_content_and_one_marked_text_block_render_alike() -> None:
+    with Upstream() as up:
+        listed = {"role": "system", "content": [{"type": "text", "text": "e" * 400, "cache_control": {"type": "ephemeral"}}]}  # fmt: skip
+        post(up.port, "/v1/messages", {"messages": [{"role": "user", "content": "a"}, listed]})
+        plain = {"role": "system", "content": "e" * 400}
+        usage = json.loads(post(up.port, "/v1/messages", {"messages": [{"role": "user", "content": "a"}, plain]})[1])["usage"]  # fmt: skip
+    assert usage["input_tokens"] == 0 and usage["cache_read_input_tokens"] > 100
