@@ -15,8 +15,8 @@ from mitmproxy import http
 from mitmproxy import io as mitm_io
 
 from stableprefix.core import pipeline
-from stableprefix.report.model import Report
-from tests.conftest import FIXTURES
+from stableprefix.report import readers
+from tests.support.helpers import FIXTURES
 
 REAL = FIXTURES / "real"
 TWO_CONVERSATIONS = REAL / "cc_2_1_332_two_conversations.mitm"
@@ -60,21 +60,20 @@ def test_pipeline_cuts_the_real_header_byte_exactly(path: Path) -> None:
             "POST", fl.request.host, fl.request.path, raw, pipeline.Settings(), fl.request.headers
         )
         assert result is not None and result.forward == compact(body)
-        assert result.record["removed"] == {"billing": 1}
+        assert result.record["changed"] == {"billing": 1}
         assert result.record["billing"]["cc_entrypoint"] == "sdk-cli"
         assert result.record["billing"]["cch"] is False
 
 
 def test_report_reads_the_recorded_conversations() -> None:
-    report = Report()
-    report.read(TWO_CONVERSATIONS)
+    report = readers.read([TWO_CONVERSATIONS])
     turns = list(report.turns())
     assert [(t.cls, t.verdict) for t in turns] == [
         ("main", "first"),
         ("main", "append-only"),
         ("main", "first"),
     ]
-    assert all(t.rec["would_remove"] == {"billing": 1} and t.rec["rewritten"] is False for t in turns)
+    assert all(t.rec["would_change"] == {"billing": 1} and t.rec["rewritten"] is False for t in turns)
     # the server figures are those the recorded answers carried
     by_id = {fl.id: sse_usage(fl.response.content or b"") for fl in posts(TWO_CONVERSATIONS) if fl.response}
     for t in turns:
@@ -85,8 +84,7 @@ def test_report_reads_the_recorded_conversations() -> None:
 
 
 def test_report_classes_the_recorded_subagent_flow() -> None:
-    report = Report()
-    report.read(SUBAGENT)
+    report = readers.read([SUBAGENT])
     turns = sorted(report.turns(), key=lambda t: t.rec["ts"])
     assert [(t.cls, t.verdict) for t in turns] == [
         ("main", "first"),

@@ -209,7 +209,7 @@ def test_two_turns_and_a_new_conversation_share_the_system_and_tools_prefix(cli:
     a1, a2, b1 = recs
     for r in recs:
         assert r["class"] == "main" and r["api"] == "anthropic-messages" and r["status"] == 200
-        assert r["removed"] == {"billing": 1} and r["rewritten"] is True
+        assert r["changed"] == {"billing": 1} and r["rewritten"] is True
         assert r["billing"]["cc_entrypoint"] == "sdk-cli" and r["billing"]["cch"] is False
         assert (
             r["billing"]["cc_version"]
@@ -260,7 +260,7 @@ def test_subagent_flow_main_subagent_main(cli_agent: Setup) -> None:
     assert [r["class"] for r in recs] == ["main", "subagent", "main"]
     main1, sub, main2 = recs
     assert main2["verdict"] == "append-only" and main2["stream"] == main1["stream"] != sub["stream"]
-    assert all(r["removed"] == {"billing": 1} for r in recs)
+    assert all(r["changed"] == {"billing": 1} for r in recs)
     sent = cli_agent.client_requests()
     headers = [header_of(r.content or b"") for r in sent]
     assert headers[1].endswith("; cc_entrypoint=sdk-cli; cc_is_subagent=true;")

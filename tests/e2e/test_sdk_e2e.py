@@ -81,7 +81,7 @@ def test_anthropic_sdk_parses_every_answer_and_usage_equals_the_record(
     recs = records(log, 2)
     assert len(recs) == 2
     for usage, rec in zip(parsed, recs, strict=True):
-        assert rec["removed"] == {"billing": 1}
+        assert rec["changed"] == {"billing": 1}
         assert rec["evidence"] == "anthropic-usage"
         assert usage.cache_read_input_tokens == rec["cached_tokens"]
         prompt = usage.input_tokens + (usage.cache_read_input_tokens or 0)
@@ -150,7 +150,7 @@ def test_openai_chat_sdk_parses_every_answer_and_usage_equals_the_record(
     recs = records(log, 2)
     assert len(recs) == 2
     for usage, rec in zip(parsed, recs, strict=True):
-        assert rec["removed"] == {"billing": 1}
+        assert rec["changed"] == {"billing": 1}
         assert rec["evidence"] is not None
         assert usage.prompt_tokens == rec["prompt_tokens"]
         assert usage.prompt_tokens_details is not None
@@ -189,7 +189,7 @@ def test_openai_responses_sdk_parses_every_answer_and_usage_equals_the_record(
     recs = records(log, 2)
     assert len(recs) == 2
     for usage, rec in zip(parsed, recs, strict=True):
-        assert rec["removed"] == {"billing": 1}
+        assert rec["changed"] == {"billing": 1}
         assert rec["evidence"] == "openai-usage"
         assert usage.input_tokens == rec["prompt_tokens"]
         assert usage.input_tokens_details.cached_tokens == rec["cached_tokens"]
