@@ -157,6 +157,8 @@ def test_billing_dropped_and_record_written_once_at_response(
         assert sent["system"] == body["system"][1:]
         assert f.request.headers["content-length"] == str(len(f.request.raw_content or b""))
         assert records(log) == [] and infos(caplog) == []  # nothing yet: the response completes the record
+        a.drain()  # the analysis runs off the forwarding path; its results reach the flow afterwards
+        assert records(log) == [] and infos(caplog) == []
         assert f.comment == "stableprefix: main first"
         assert f.metadata[BEFORE_KEY]["changes"][0]["path"] == "system[0]"
         answer(f, usage(0, 8000))
@@ -164,6 +166,7 @@ def test_billing_dropped_and_record_written_once_at_response(
         assert f.response is not None and f.response.stream is False  # JSON: not streamed
         a.response(f)
         a.response(f)  # a second call does not write twice
+        a.drain()
     (r,) = records(log)
     assert r == f.metadata[META_KEY]
     assert (r["id"], r["removed"], r["class"], r["verdict"]) == (f.id, {"billing": 1}, "main", "first")
@@ -189,6 +192,7 @@ def test_nothing_to_change_forwards_identical_bytes() -> None:
         f = make_flow(raw)
         a.request(f)
         assert f.request.raw_content == raw
+        a.drain()
         assert f.metadata[META_KEY]["rewritten"] is False
 
 
@@ -199,6 +203,7 @@ def test_passthrough_host_is_never_rewritten() -> None:
         f = make_flow(raw, url="https://api.anthropic.com/v1/messages")
         a.request(f)
         assert f.request.raw_content == raw
+        a.drain()
         rec = f.metadata[META_KEY]
         assert rec["passthrough"] is True and rec["removed"] == {} and rec["class"] == "main"
 
@@ -224,6 +229,7 @@ def test_observe_mode_rewrites_nothing() -> None:
         f = make_flow(raw)
         a.request(f)
         assert f.request.raw_content == raw
+        a.drain()
         rec = f.metadata[META_KEY]
         assert rec["would_remove"] == {"billing": 1} and rec["removed"] == {} and rec["rewritten"] is False
         assert f.metadata[BEFORE_KEY] == {"rules": {}, "changes": []}
@@ -254,11 +260,13 @@ def test_non_live_answered_and_other_flows_are_skipped() -> None:
         assert f.request.raw_content == raw and META_KEY not in f.metadata
         answer(f, usage(0, 10))
         a.response(f)
+        a.drain()
         assert META_KEY not in f.metadata
         g = tflow.tflow(req=http.Request.make("GET", "http://127.0.0.1/v1/messages"))
         a.request(g)
         h = make_flow(raw, url="http://127.0.0.1/v1/models")
         a.request(h)
+        a.drain()
         assert META_KEY not in g.metadata and META_KEY not in h.metadata
 
 
@@ -276,6 +284,7 @@ def test_malformed_body_forwarded_unchanged_with_one_warning(
         assert f.request.raw_content == raw
         answer(f, b'{"error": "bad request"}', status=400)
         a.response(f)
+        a.drain()
     assert len(warnings(caplog)) == 1 and "left /v1/messages unchanged" in warnings(caplog)[0]
     assert infos(caplog) == []
     (r,) = records(log)
@@ -317,6 +326,7 @@ def test_undecodable_body_gets_a_record_like_other_bad_bodies(
         a.request(f)
         f.response = http.Response.make(200, b"{}", {"content-type": "application/json"})
         a.response(f)
+        a.drain()
         assert f.request.raw_content == raw_before
     (record,) = [json.loads(line) for line in log.read_text().splitlines()]
     assert record["error"] == "cannot decode body (Content-Encoding 'gzip')" and record["status"] == 200
@@ -334,6 +344,7 @@ def test_count_tokens(tmp_path: Path) -> None:
         assert f.request.raw_content == raw
         answer(f, {"input_tokens": 1234})
         a.response(f)
+        a.drain()
     (r,) = records(log)
     assert (r["api"], r["class"], r["verdict"], r["miss"], r["status"]) == (
         "anthropic-count-tokens",
@@ -393,6 +404,7 @@ def test_turns_get_verdicts_marks_and_comments(tmp_path: Path) -> None:
             answer(f, usage(7900, 100) if k == 1 else usage(0, 8000))
             a.response(f)
             flows.append(f)
+        a.drain()
     r = records(log)
     assert [x["verdict"] for x in r] == ["first", "append-only", "changed"]
     assert (r[2]["diverged_at"], r[2]["cause"], r[2]["miss"]) == ("messages[0].content[0]", "date", "client")
@@ -427,10 +439,12 @@ def test_sse_response_streams_unchanged_and_is_parsed(
         chunks = sse_events()
         out = [tee(c) for c in chunks]
         assert out == chunks  # every chunk passes through unchanged, at once
+        a.drain()
         assert records(log) == []
         assert tee(b"") == b""
         f.response.content = None  # streamed bodies are not stored
         a.response(f)
+        a.drain()
     (r,) = records(log)
     assert (r["cached_tokens"], r["prompt_tokens"], r["evidence"], r["status"]) == (
         18204,
@@ -473,6 +487,7 @@ def test_error_hook_writes_the_record(tmp_path: Path, caplog: pytest.LogCaptureF
         f.error = tflow.terr()
         a.error(f)
         a.error(f)
+        a.drain()
     (r,) = records(log)
     # no response started: mitmproxy answers the client 502, and the record and the warning say so
     assert r["status"] == 502 and r["error"] == "no response: error; the proxy answered 502"
@@ -491,6 +506,7 @@ def test_client_that_left_gets_no_status(tmp_path: Path) -> None:
         a.request(f)
         f.error = tflow.terr("Client disconnected.")
         a.error(f)
+        a.drain()
     (r,) = records(log)
     assert r["status"] is None and r["error"] == "no response: Client disconnected."
 
@@ -509,6 +525,7 @@ def test_interrupted_sse_keeps_the_evidence_seen(tmp_path: Path) -> None:
         f.response.stream(data[: data.index(b"event: content_block_start")])
         f.error = tflow.terr("connection reset")
         a.error(f)
+        a.drain()
     (r,) = records(log)
     assert (r["status"], r["cached_tokens"], r["prompt_tokens"]) == (200, 18204, 18230)
     assert r["error"] == "response interrupted: connection reset"
@@ -529,6 +546,7 @@ def test_interleaved_side_request_warns_once(caplog: pytest.LogCaptureFixture) -
             a.request(f)
             answer(f, usage(5, 9000) if k else usage(0, 9000))
             a.response(f)
+            a.drain()
             assert f.marked == ""
     notes = [w for w in warnings(caplog) if "side requests" in w]
     assert len(notes) == 1 and "--parallel" in notes[0] and "--cache-ram" in notes[0]
@@ -555,6 +573,7 @@ def test_commands_summary_and_reset(caplog: pytest.LogCaptureFixture) -> None:
         )
         f = make_flow(SESSION.request(3))
         a.request(f)
+        a.drain()
         assert f.metadata[META_KEY]["verdict"] == "first"
 
 
@@ -581,6 +600,7 @@ def test_log_context_option() -> None:
         body["system"][2]["text"] = body["system"][2]["text"].replace("M src/app.py", "M src/cli.py")
         f = make_flow(body)
         a.request(f)
+        a.drain()
         ctx = f.metadata[META_KEY]["context"]
         assert set(ctx) == {"old", "new"} and "cli" not in json.dumps(ctx)
 
@@ -594,7 +614,7 @@ def test_internal_error_fails_open_with_one_warning_per_request(
         raise RuntimeError("bug")
 
     with taddons.context(a):
-        monkeypatch.setattr(a.analyzer, "request", boom)
+        monkeypatch.setattr(a.analyzer, "forward", boom)
         raw = json.dumps(SESSION.request(1)).encode()
         for _ in range(2):
             f = make_flow(raw)
@@ -614,6 +634,7 @@ def test_flow_metadata_is_serialisable() -> None:
         a.request(f)
         answer(f, usage(0, 10))
         a.response(f)
+        a.drain()
         tnetstring.dumps(f.get_state())
 
 
