@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import logging
@@ -645,3 +646,101 @@ def test_entry_script_loads_and_registers_view() -> None:
         mod = tctx.script(str(Path(addon_mod.__file__)))
         assert isinstance(mod.addons[0], mod.StablePrefix)
     assert "stableprefix" in contentviews.registry
+
+
+# --- issue 13: the analysis off the forwarding path ---------------------------------------------------------
+
+
+class _Updates:
+    """Records the flows of every `update` hook (what mitmweb listens to)."""
+
+    def __init__(self) -> None:
+        self.flows: list[str] = []
+
+    def update(self, flows: Any) -> None:
+        self.flows.extend(f.id for f in flows)
+
+
+async def test_request_hook_returns_before_the_analysis_and_the_loop_gets_the_result(tmp_path: Path) -> None:
+    log = tmp_path / "log.jsonl"
+    a = StablePrefix()
+    updates = _Updates()
+    with taddons.context(a, updates) as tctx:
+        tctx.configure(a, stableprefix_log=str(log))
+        body = SESSION.request(1)
+        f = make_flow(body)
+        a.worker.submit(lambda: time.sleep(0.3))  # the worker is busy: the analysis has to wait
+        assert a.request(f) is None
+        # the bytes are already changed, the analysis has not run yet
+        assert json.loads(f.request.content or b"")["system"] == body["system"][1:]
+        assert f.comment == "" and META_KEY not in f.metadata
+        answer(f, usage(0, 8000))
+        a.response(f)  # returns at once too: the record is completed in the worker
+        assert records(log) == []
+        deadline = time.monotonic() + 10
+        while not records(log) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)  # the loop runs the results the worker posts; no drain() here
+        (r,) = records(log)
+        assert f.comment == "stableprefix: main first" and f.metadata[META_KEY] == r
+        assert f.metadata[BEFORE_KEY]["changes"][0]["path"] == "system[0]"
+        assert updates.flows.count(f.id) == 2  # once for the analysis, once for the completed record
+
+
+def test_turns_queued_back_to_back_are_analysed_in_arrival_order(tmp_path: Path) -> None:
+    log = tmp_path / "log.jsonl"
+    a = StablePrefix()
+    with taddons.context(a) as tctx:
+        tctx.configure(a, stableprefix_log=str(log))
+        flows = [make_flow(SESSION.request(k)) for k in range(1, 7)]
+        for f in flows:  # all requests first, then all responses: nothing waits for the worker
+            a.request(f)
+        for f in reversed(flows):
+            answer(f, usage(0, 8000))
+            a.response(f)
+        a.drain()
+    r = records(log)
+    assert [x["id"] for x in r] == [f.id for f in reversed(flows)]  # written in completion order
+    assert sorted((len(x["chain"]), x["verdict"]) for x in r) == [(1, "first")] + [
+        (n, "append-only") for n in (3, 5, 7, 9, 11)
+    ]
+
+
+def test_analysis_error_fails_open_with_one_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    log = tmp_path / "log.jsonl"
+    a = StablePrefix()
+
+    def boom(*args: Any, **kw: Any) -> Any:
+        raise RuntimeError("bug")
+
+    with taddons.context(a) as tctx:
+        tctx.configure(a, stableprefix_log=str(log))
+        monkeypatch.setattr(a.analyzer, "analyse", boom)
+        body = SESSION.request(1)
+        f = make_flow(body)
+        a.request(f)
+        assert json.loads(f.request.content or b"")["system"] == body["system"][1:]  # forwarded as decided
+        answer(f, usage(0, 10))
+        a.response(f)
+        a.drain()
+        assert META_KEY not in f.metadata
+    assert warnings(caplog) == ["stableprefix: internal error (RuntimeError: bug); traffic passes unchanged"]
+    assert records(log) == []
+
+
+def test_done_waits_for_queued_analyses(tmp_path: Path) -> None:
+    log = tmp_path / "log.jsonl"
+    a = StablePrefix()
+    with taddons.context(a) as tctx:
+        tctx.configure(a, stableprefix_log=str(log))
+        f = make_flow(SESSION.request(1))
+        a.request(f)
+        answer(f, usage(0, 10))
+        a.response(f)
+        g = make_flow(SESSION.request(2))
+        a.request(g)  # never answered
+        a.done()
+    r = records(log)
+    assert [x["id"] for x in r] == [f.id, g.id]
+    assert r[0]["status"] == 200 and r[1]["error"] == "no response: proxy shut down before the response"

@@ -41,7 +41,7 @@ class Worker:
         self.budget = budget
         self.max_jobs = max_jobs
         self.switch_interval = switch_interval
-        self._jobs: collections.deque[tuple[Callable[[], None], int]] = collections.deque()
+        self._jobs: collections.deque[tuple[Callable[[], object], int]] = collections.deque()
         self._cond = threading.Condition()
         self._queued = 0  # bytes held by waiting and running jobs
         self._running = False
@@ -52,7 +52,7 @@ class Worker:
 
     # --- submitting --------------------------------------------------------------------------------------
 
-    def submit(self, job: Callable[[], None], size: int = 0) -> None:
+    def submit(self, job: Callable[[], object], size: int = 0) -> None:
         """Queue `job` (never blocks); `size` counts against the budget until the job has run."""
         with self._cond:
             self._jobs.append((job, size))
