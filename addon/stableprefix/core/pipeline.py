@@ -22,6 +22,8 @@ from stableprefix.core import shapes
 from stableprefix.core.fingerprint import Fingerprint
 from stableprefix.core.fingerprint import fingerprint
 from stableprefix.core.jsonedit import Document
+from stableprefix.core.jsonedit import Edit
+from stableprefix.core.jsonedit import RawDocument
 from stableprefix.core.jsonedit import apply_edits
 from stableprefix.core.rules import Outcome
 from stableprefix.core.rules import Rule
@@ -112,7 +114,7 @@ class Forward:
     headers: Mapping[str, str]
     settings: Settings
     sticky: StickyMemory | None = None
-    doc: Document | None = None
+    doc: Document | RawDocument | None = None
     shape: Shape | None = None
     session: str = ""
     outcome: Outcome | None = None
@@ -164,7 +166,7 @@ def forward(
         fwd.session = session_id(fwd.headers, fwd.doc.value)
         fwd.outcome = apply(fwd.shape, settings.rules, fwd.session, sticky)
         if fwd.outcome.edits:
-            fwd.forward = fwd.doc.edited(fwd.outcome.edits).encode("utf-8")
+            fwd.forward = _edited(fwd.doc, fwd.outcome.edits)
             fwd.body = apply_edits(fwd.doc.value, fwd.outcome.edits)
             record["rewritten"] = True
     except Exception as e:  # a bug must never cost a request: forward the original bytes, say why once
@@ -174,11 +176,21 @@ def forward(
     return fwd
 
 
+def _edited(doc: Document | RawDocument, edits: list[Edit]) -> bytes:
+    """The body bytes with `edits` spliced in (through `Document` when a container is not compact)."""
+    if isinstance(doc, RawDocument):
+        try:
+            return doc.edited_bytes(edits)
+        except ValueError:
+            return Document.parse(doc.raw).edited(edits).encode("utf-8")
+    return doc.edited(edits).encode("utf-8")
+
+
 def _parse(fwd: Forward) -> bool:
     """Parse `fwd.raw` into `fwd.doc` and `fwd.shape`; on a bad body set the record's error and the warning."""
     record = fwd.record
     try:
-        fwd.doc = Document.parse(fwd.raw)
+        fwd.doc = RawDocument.parse(fwd.raw) or Document.parse(fwd.raw)  # the fast case, else the exact one
         fwd.shape = shapes.detect(record["path"], fwd.doc.value, fwd.settings.slot_scopes)
     except (ValueError, RecursionError) as e:
         reason = f"{type(e).__name__}: {e}" if not isinstance(e, UnicodeDecodeError) else "body is not UTF-8"
