@@ -10,10 +10,14 @@ One run, on 127.0.0.1, keep-alive connections with Nagle off on every leg, arms 
 
 Bodies are Claude-Code-shaped (`samples.body_of_size`) of 10 KB, 100 KB, 1 MB and 5 MB, sent compact as
 Node's ``JSON.stringify`` does. Printed: median and p95 latency per arm, sequential and with 8 concurrent
-clients, the ratio addon/bare; the in-process cost per MB of parse + rules + fingerprint + re-serialise
-(`pipeline.process`) next to the floor of one JSON parse plus one SHA-256 pass; the latency of small
-streaming requests while a 5 MB request goes through (stall); and the RSS growth of the mitmdump + addon
-process after 10,000 distinct streams (one ``X-Claude-Code-Session-Id`` each).
+clients, the ratio addon/bare; the forwarding delay (the client's send to the upstream's receipt of the
+whole body, clocked with CLOCK_MONOTONIC in both processes); requests per CPU-second of each proxy process
+(all threads, so the analysis the addon runs off the forwarding path counts); the in-process cost per MB of
+`pipeline.process` and of the addon's two paths (forwarding path: guard scan, and on a hit parse + rules +
+spliced bytes; analysis: fingerprint, detail, streams, before-state) next to the floor of one JSON parse
+plus one SHA-256 pass; the latency of small streaming requests while a 5 MB request goes through (stall);
+and the RSS growth of the mitmdump + addon process after 10,000 distinct streams (one
+``X-Claude-Code-Session-Id`` each).
 
     .venv/bin/python scripts/bench_overhead.py            # full run, a few minutes on 2 cores
     .venv/bin/python scripts/bench_overhead.py --quick    # smoke run, well under a minute
