@@ -744,3 +744,20 @@ def test_done_waits_for_queued_analyses(tmp_path: Path) -> None:
     r = records(log)
     assert [x["id"] for x in r] == [f.id, g.id]
     assert r[0]["status"] == 200 and r[1]["error"] == "no response: proxy shut down before the response"
+
+
+async def test_a_left_alone_flow_gets_its_record_on_the_loop(tmp_path: Path) -> None:
+    log = tmp_path / "log.jsonl"
+    a = StablePrefix()
+    with taddons.context(a) as tctx:
+        tctx.configure(a, stableprefix_log=str(log))
+        f = make_flow(SESSION.request(1))
+        f.request.stream = True  # the only flow: left alone, never analysed
+        a.request(f)
+        answer(f, usage(0, 10))
+        a.response(f)
+        deadline = time.monotonic() + 10
+        while not records(log) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+    (r,) = records(log)
+    assert r["status"] == 200 and "streamed" in r["error"]

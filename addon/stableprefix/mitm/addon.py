@@ -226,7 +226,8 @@ class StablePrefix:
         )
 
     def done(self) -> None:
-        self.drain()  # every queued analysis and record first: none is lost at shutdown
+        if not self.drain(timeout=120.0):  # every queued analysis and record first: none is lost
+            logger.warning("stableprefix: the analysis did not finish within 120 s; records may be missing")
         for flow_id in list(self._entries):
             record = self._entries.pop(flow_id).record
             if record is None:
@@ -278,6 +279,7 @@ class StablePrefix:
         if req.method != "POST" or pipeline.shapes.api_for_path(req.path) is None:
             return None
         self._maybe_reload_rules()
+        self._remember_loop()
         extra = {"client": flow.client_conn.peername}
         if req.stream or req.raw_content is None:
             self._left_alone(flow, "request body was streamed (stream_large_bodies); not normalised", extra)
@@ -295,7 +297,6 @@ class StablePrefix:
             req.content = fwd.forward  # re-encodes Content-Encoding, fixes Content-Length
         entry = _Entry(flow, round(time.time(), 3), extra)
         self._entries[flow.id] = entry
-        self._remember_loop()
         self.worker.submit(lambda: self._analyse(entry, fwd), len(raw))
         if self.worker.over_budget():
             if self._loop is not None:
@@ -410,6 +411,7 @@ class StablePrefix:
         resp = flow.response
         if entry is None or resp is None:
             return
+        self._remember_loop()
         status, feed = resp.status_code, entry.feed
         raw, encoding = resp.raw_content, resp.headers.get("content-encoding")
         headers = resp.headers
@@ -429,6 +431,7 @@ class StablePrefix:
         entry = self._entries.pop(flow.id, None)
         if entry is None:
             return
+        self._remember_loop()
         msg = flow.error.msg if flow.error else "unknown error"
         feed = entry.feed
         # No response started: unless the client itself went away, mitmproxy answers it with a 502.
