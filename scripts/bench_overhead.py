@@ -10,10 +10,14 @@ One run, on 127.0.0.1, keep-alive connections with Nagle off on every leg, arms 
 
 Bodies are Claude-Code-shaped (`samples.body_of_size`) of 10 KB, 100 KB, 1 MB and 5 MB, sent compact as
 Node's ``JSON.stringify`` does. Printed: median and p95 latency per arm, sequential and with 8 concurrent
-clients, the ratio addon/bare; the in-process cost per MB of parse + rules + fingerprint + re-serialise
-(`pipeline.process`) next to the floor of one JSON parse plus one SHA-256 pass; the latency of small
-streaming requests while a 5 MB request goes through (stall); and the RSS growth of the mitmdump + addon
-process after 10,000 distinct streams (one ``X-Claude-Code-Session-Id`` each).
+clients, the ratio addon/bare; the forwarding delay (the client's send to the upstream's receipt of the
+whole body, clocked with CLOCK_MONOTONIC in both processes); requests per CPU-second of each proxy process
+(all threads, so the analysis the addon runs off the forwarding path counts); the in-process cost per MB of
+`pipeline.process` and of the addon's two paths (forwarding path: guard scan, and on a hit parse + rules +
+spliced bytes; analysis: fingerprint, detail, streams, before-state) next to the floor of one JSON parse
+plus one SHA-256 pass; the latency of small streaming requests while a 5 MB request goes through (stall);
+and the RSS growth of the mitmdump + addon process after 10,000 distinct streams (one
+``X-Claude-Code-Session-Id`` each).
 
     .venv/bin/python scripts/bench_overhead.py            # full run, a few minutes on 2 cores
     .venv/bin/python scripts/bench_overhead.py --quick    # smoke run, well under a minute
@@ -23,8 +27,8 @@ process after 10,000 distinct streams (one ``X-Claude-Code-Session-Id`` each).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import cProfile
+import functools
 import hashlib
 import http.client
 import io
@@ -40,7 +44,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler
 from http.server import ThreadingHTTPServer
@@ -49,23 +52,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "addon"))
 
+import orjson  # noqa: E402
+
 from stableprefix.cli import process  # noqa: E402
 from stableprefix.core import fingerprint  # noqa: E402
-from stableprefix.core import jsonedit  # noqa: E402
 from stableprefix.core import pipeline  # noqa: E402
 from stableprefix.core import rules as rulelib  # noqa: E402
 from stableprefix.core.analyzer import Analyzer  # noqa: E402
+from stableprefix.core.analyzer import before_state  # noqa: E402
 from stableprefix.demo import samples  # noqa: E402
-
-try:
-    from stableprefix.core.analyzer import before_state
-except ImportError:  # pragma: no cover
-    before_state = None  # type: ignore[assignment]
-
-try:
-    import orjson
-except ImportError:  # pragma: no cover
-    orjson = None  # type: ignore[assignment]
 
 KB = 1000
 MB = 1000 * KB
@@ -73,6 +68,8 @@ SIZES = (10 * KB, 100 * KB, MB, 5 * MB)
 ARMS = ("direct", "bare", "billing", "all")
 SESSION_HEADER = "X-Claude-Code-Session-Id"
 HDRS = {SESSION_HEADER: "bench"}
+SENT_HEADER = "X-Bench-Sent-Ns"  # the client's send time; the upstream answers with the delay to receipt
+DELAY_HEADER = "X-Bench-Forward-Ns"
 
 
 # --- the recording upstream (own process, so the client's GIL does not slow it down) -------------------
@@ -90,6 +87,9 @@ class _UpstreamHandler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("content-length") or 0))
+        received = time.monotonic_ns()  # CLOCK_MONOTONIC: the same clock in every process of this machine
+        sent = self.headers.get(SENT_HEADER)
+        delay = str(received - int(sent)) if sent else ""
         with self.lock:  # recording: counts and sizes (keeping 5 MB bodies would only measure memory)
             type(self).received += 1
             type(self).received_bytes += len(body)
@@ -102,6 +102,7 @@ class _UpstreamHandler(BaseHTTPRequestHandler):
             self.send_response(200)
             self.send_header("content-type", "text/event-stream")
             self.send_header("content-length", str(len(data)))
+            self.send_header(DELAY_HEADER, delay)
             self.end_headers()
             for e in events:  # one write per event, as a server streaming tokens would
                 self.wfile.write(e.encode())
@@ -111,6 +112,7 @@ class _UpstreamHandler(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(data)))
+        self.send_header(DELAY_HEADER, delay)
         self.end_headers()
         self.wfile.write(data)
 
@@ -131,6 +133,7 @@ class Client:
     def __init__(self, port: int) -> None:
         self.port = port
         self.conn: http.client.HTTPConnection | None = None
+        self.delays: list[float] = []  # seconds from the client's send to the upstream's receipt
 
     def _connect(self) -> http.client.HTTPConnection:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
@@ -146,7 +149,10 @@ class Client:
                 self.conn = self._connect()
             start = time.perf_counter()
             try:
-                self.conn.request("POST", path, data, {"content-type": "application/json", **(headers or {})})
+                sent = {SENT_HEADER: str(time.monotonic_ns())}
+                self.conn.request(
+                    "POST", path, data, {"content-type": "application/json", **(headers or {}), **sent}
+                )
                 resp = self.conn.getresponse()
                 resp.read()
             except (ConnectionError, http.client.HTTPException):
@@ -156,6 +162,8 @@ class Client:
                     raise
                 continue
             elapsed = time.perf_counter() - start
+            if delay := resp.getheader(DELAY_HEADER):
+                self.delays.append(int(delay) / 1e9)
             if resp.status != 200:
                 raise RuntimeError(f"status {resp.status} from port {self.port}")
             if resp.getheader("connection", "").lower() == "close":
@@ -244,17 +252,21 @@ class Bench:
         lat: dict[str, list[float]] = {arm: [] for arm in ARMS}
         for arm in ARMS:  # warm-up: connections, caches
             clients[arm].post(bodies[0])
+        for c in clients.values():
+            c.delays.clear()
         for i in range(reps):
             order = ARMS[i % len(ARMS) :] + ARMS[: i % len(ARMS)]  # alternate which arm goes first
             for arm in order:
                 lat[arm].append(clients[arm].post(bodies[i % len(bodies)]))
         for c in clients.values():
             c.close()
+        self.delays = {arm: list(c.delays) for arm, c in clients.items()}
         return lat
 
     def concurrent(self, bodies: list[bytes], rounds: int, per_client: int, workers: int = 8) -> dict:
         lat: dict[str, list[float]] = {arm: [] for arm in ARMS}
         rate: dict[str, list[float]] = {arm: [] for arm in ARMS}
+        cpu: dict[str, list[float]] = {arm: [0.0, 0] for arm in ARMS}  # proxy CPU seconds, requests
         clients = {arm: [Client(self.ports[arm]) for _ in range(workers)] for arm in ARMS}
         with ThreadPoolExecutor(workers) as pool:
 
@@ -267,16 +279,28 @@ class Bench:
             for r in range(rounds):
                 order = ARMS[r % len(ARMS) :] + ARMS[: r % len(ARMS)]
                 for arm in order:
+                    cpu0 = self._cpu(arm)
                     start = time.perf_counter()
                     results = list(pool.map(lambda w, a=arm: run(a, w), range(workers)))
                     wall = time.perf_counter() - start
+                    if arm in self.proxies:  # the analysis queued by these requests counts too
+                        time.sleep(0.05 if size_hint(bodies) < MB else 0.3)
+                        cpu[arm][0] += self._cpu(arm) - cpu0
+                        cpu[arm][1] += workers * per_client
                     for res in results:
                         lat[arm].extend(res)
                     rate[arm].append(workers * per_client / wall)
         for cs in clients.values():
             for c in cs:
                 c.close()
-        return {"lat": lat, "rate": rate}
+        return {"lat": lat, "rate": rate, "cpu": cpu}
+
+    def _cpu(self, arm: str) -> float:
+        """CPU seconds (user + system, all threads) the proxy process of `arm` has used so far."""
+        if arm not in self.proxies:
+            return 0.0
+        fields = Path(f"/proc/{self.proxies[arm].pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def latency_tables(self) -> None:
         seq_reps = {10 * KB: 200, 100 * KB: 120, MB: 40, 5 * MB: 12}
@@ -291,13 +315,45 @@ class Bench:
             "| ratio billing | ratio all | req/s bare / billing / all |"
         )
         self.out("|---|---|---|---|---|---|---|---|---|")
+        delays: dict[int, dict[str, list[float]]] = {}
+        per_core: dict[int, dict[str, list[float]]] = {}
         for size in SIZES:
             bodies = self.bodies(size)
             seq = self.sequential(bodies, seq_reps[size])
+            delays[size] = self.delays
             self._row(size, "1 (sequential)", seq, None)
             rounds, per_client = conc[size]
             c = self.concurrent(bodies, rounds, per_client)
+            per_core[size] = c["cpu"]
             self._row(size, "8 concurrent", c["lat"], c["rate"])
+        self.out()
+        self.out(
+            "### Forwarding delay (ms): client's send -> upstream's receipt of the whole body, sequential; "
+            "median / p95; ratio = median addon / median bare"
+        )
+        self.out()
+        self.out(
+            "| body | direct | bare mitmdump | + addon (billing) | + addon (all rules) | ratio billing | ratio all |"
+        )
+        self.out("|---|---|---|---|---|---|---|")
+        for size, d in delays.items():
+            ms = {a: (median(v) * 1000, p95(v) * 1000) for a, v in d.items() if v}
+            cells = " | ".join(f"{ms[a][0]:.2f} / {ms[a][1]:.2f}" for a in ARMS)
+            rb, ra = ms["billing"][0] / ms["bare"][0], ms["all"][0] / ms["bare"][0]
+            self.out(f"| {fmt_size(size)} | {cells} | {rb:.2f} | {ra:.2f} |")
+        self.out()
+        self.out(
+            "### Throughput per core: requests per CPU-second of the proxy process (all its threads, the "
+            "queued analysis included), 8 concurrent clients"
+        )
+        self.out()
+        self.out("| body | bare mitmdump | + addon (billing) | + addon (all rules) |")
+        self.out("|---|---|---|---|")
+        for size, cpu in per_core.items():
+            cells = " | ".join(
+                f"{cpu[a][1] / cpu[a][0]:.0f}" if cpu[a][0] > 0 else "-" for a in ("bare", "billing", "all")
+            )
+            self.out(f"| {fmt_size(size)} | {cells} |")
 
     def _row(self, size: int, clients: str, lat: dict[str, list[float]], rate: dict | None) -> None:
         ms = {arm: (median(v) * 1000, p95(v) * 1000) for arm, v in lat.items()}
@@ -328,17 +384,15 @@ class Bench:
             rules=tuple(rulelib.switch(rulelib.builtin_rules(), rulelib.builtin_names()))
         )
         floors: list[tuple[str, Callable[[bytes], Any]]] = [
-            ("json.loads + sha256", lambda raw: (json.loads(raw), hashlib.sha256(raw).digest()))
+            ("json.loads + sha256", lambda raw: (json.loads(raw), hashlib.sha256(raw).digest())),
+            ("orjson.loads + sha256", lambda raw: (orjson.loads(raw), hashlib.sha256(raw).digest())),
         ]
-        if orjson is not None:
-            floors.append(
-                ("orjson.loads + sha256", lambda raw: (orjson.loads(raw), hashlib.sha256(raw).digest()))
-            )
         header = (
             "| body | "
             + " | ".join(f"floor: {n}" for n, _ in floors)
-            + " | process, billing only | same without orjson | process, all rules | hook, new conversation"
-            + " | hook, next turn |"
+            + " | process, billing only | process, all rules | hook, new conversation"
+            + " | hook, next turn | forwarding path, billing | analysis, billing | forwarding path, all rules"
+            + " | analysis, all rules |"
         )
         self.out(header)
         self.out("|" + "---|" * (header.count("|") - 1))
@@ -353,8 +407,9 @@ class Bench:
                 for i in range(reps):
                     raw = raws[i % len(raws)]
                     t = time.perf_counter()
-                    fn(raw)
-                    ts.append(time.perf_counter() - t)
+                    got = fn(raw)
+                    elapsed = time.perf_counter() - t
+                    ts.append(got if isinstance(got, float) else elapsed)  # a float: the fn timed itself
                 return median(ts)
 
             cells = [timed(f) for _, f in floors]
@@ -366,9 +421,6 @@ class Bench:
                     return pipeline.process("POST", "127.0.0.1", "/v1/messages", raw, settings, HDRS, st)
 
                 cells.append(timed(proc))
-                if settings is billing and orjson is not None:
-                    with _without_orjson():
-                        without = timed(proc)
             # what the addon's request hook runs: pipeline + per-block detail + stream tracking
             seen = Analyzer(billing)
 
@@ -378,29 +430,40 @@ class Bench:
             def hook_next(raw: bytes, seen: Analyzer = seen) -> Any:
                 return _hook(seen, raw)
 
-            if orjson is not None:
-                cells.insert(len(floors) + 1, without)
             cells.append(timed(hook_new, reps=max(3, reps // 4)))
             cells.append(timed(hook_next))
+            for settings in (billing, all_rules):  # the two paths of the addon, on a seen conversation
+                an = Analyzer(settings)
+                _hook(an, raws[0])
+                _hook(an, raws[1 % len(raws)])
+                cells.append(timed(functools.partial(_forward_only, an)))
+                cells.append(timed(functools.partial(_analyse_only, an)))
             self.out(f"| {fmt_size(size)} | " + " | ".join(f"{c * 1000 / mb:.2f}" for c in cells) + " |")
         if profile:
             raw = self.bodies(MB, 1)[0]
-            prof = cProfile.Profile()
-            prof.enable()
-            for _ in range(20):
-                pipeline.process(
-                    "POST", "127.0.0.1", "/v1/messages", raw, all_rules, {}, rulelib.StickyMemory()
-                )
-            prof.disable()
-            buf = io.StringIO()
-            pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(15)
-            self.out()
-            self.out("### cProfile, 20 x 1 MB, all rules (by own time)")
-            self.out("```")
-            for line in buf.getvalue().splitlines():
-                if line.strip():
-                    self.out(line.rstrip())
-            self.out("```")
+            for label, settings in (("billing only", billing), ("all rules", all_rules)):
+                an = Analyzer(settings)
+                _hook(an, raw)
+                for path in ("forwarding path", "analysis"):
+                    prof = cProfile.Profile()
+                    for _ in range(20):
+                        if path == "analysis":
+                            fwd = _forward_only(an, raw)  # not profiled: the forwarding path's share
+                            prof.enable()
+                            an.analyse(fwd)
+                        else:
+                            prof.enable()
+                            _forward_only(an, raw)
+                        prof.disable()
+                    buf = io.StringIO()
+                    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(10)
+                    self.out()
+                    self.out(f"### cProfile, 20 x 1 MB, {path}, {label} (by own time)")
+                    self.out("```")
+                    for line in buf.getvalue().splitlines():
+                        if line.strip() and not line.startswith(("   Ordered", "   List reduced")):
+                            self.out(line.rstrip())
+                    self.out("```")
 
     # -- stall: a 5 MB request alongside small streaming ones
 
@@ -410,7 +473,7 @@ class Bench:
         self.out()
         self.out(
             "| proxy | small SSE median, alone | small SSE max while 5 MB in flight | 5 MB request | "
-            "request hook's in-process time for the 5 MB body |"
+            "request hook's in-process time for the 5 MB body (forwarding path) |"
         )
         self.out("|---|---|---|---|---|")
         big = self.bodies(5 * MB, 1)[0]
@@ -462,13 +525,14 @@ class Bench:
             )
 
     def _cost(self, raw: bytes, settings: pipeline.Settings) -> float:
-        """The request hook's in-process time for `raw`, with the body seen before (as in the proxy)."""
+        """The request hook's in-process time for `raw` (the forwarding path: guard scan, and on a hit parse,
+        rules and spliced bytes; the analysis runs in the worker thread), the body seen before."""
         analyzer = Analyzer(settings)
         _hook(analyzer, raw)
         ts = []
         for _ in range(5):
             t = time.perf_counter()
-            _hook(analyzer, raw)
+            _forward_only(analyzer, raw)
             ts.append(time.perf_counter() - t)
         return median(ts)
 
@@ -507,22 +571,30 @@ class Bench:
         )
 
 
-@contextlib.contextmanager
-def _without_orjson() -> Iterator[None]:
-    """The core's json-only paths (same bytes, slower): shows what orjson buys."""
-    saved = fingerprint.orjson, jsonedit.orjson
-    fingerprint.orjson = jsonedit.orjson = None  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        fingerprint.orjson, jsonedit.orjson = saved
+def _forward_only(analyzer: Analyzer, raw: bytes) -> Any:
+    """The forwarding path alone: guard scan, and on a hit parse + rules + spliced bytes."""
+    return analyzer.forward("POST", "127.0.0.1", "/v1/messages", raw, HDRS)
+
+
+def _analyse_only(analyzer: Analyzer, raw: bytes) -> Any:
+    """The analysis path alone (forward is run first, untimed, as the addon's request hook does)."""
+    fwd = analyzer.forward("POST", "127.0.0.1", "/v1/messages", raw, HDRS)
+    t = time.perf_counter()
+    result = analyzer.analyse(fwd) if fwd is not None else None
+    if result is not None and result.forward is not None:
+        before_state(result)
+    return time.perf_counter() - t
+
+
+def size_hint(bodies: list[bytes]) -> int:
+    return len(bodies[0]) if bodies else 0
 
 
 def _hook(analyzer: Analyzer, raw: bytes) -> Any:
     """What the addon's request hook computes: the analysis, and the content view's before-state when the
     body was rewritten."""
     result = analyzer.request("POST", "127.0.0.1", "/v1/messages", raw, HDRS)
-    if result is not None and result.forward is not None and before_state is not None:
+    if result is not None and result.forward is not None:
         before_state(result)
     return result
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import logging
@@ -154,6 +155,8 @@ def test_billing_dropped_and_record_written_once_at_response(
         assert sent["system"] == body["system"][1:]
         assert f.request.headers["content-length"] == str(len(f.request.raw_content or b""))
         assert records(log) == [] and infos(caplog) == []  # nothing yet: the response completes the record
+        a.drain()  # the analysis runs off the forwarding path; its results reach the flow afterwards
+        assert records(log) == [] and infos(caplog) == []
         assert f.comment == "stableprefix: main first"
         assert f.metadata[BEFORE_KEY]["changes"][0]["path"] == "system[0]"
         answer(f, usage(0, 8000))
@@ -161,6 +164,7 @@ def test_billing_dropped_and_record_written_once_at_response(
         assert f.response is not None and f.response.stream is False  # JSON: not streamed
         a.response(f)
         a.response(f)  # a second call does not write twice
+        a.drain()
     (r,) = records(log)
     assert r == f.metadata[META_KEY]
     assert (r["id"], r["changed"], r["class"], r["verdict"]) == (f.id, {"billing": 1}, "main", "first")
@@ -186,6 +190,7 @@ def test_nothing_to_change_forwards_identical_bytes() -> None:
         f = make_flow(raw)
         a.request(f)
         assert f.request.raw_content == raw
+        a.drain()
         assert f.metadata[META_KEY]["rewritten"] is False
 
 
@@ -196,6 +201,7 @@ def test_passthrough_host_is_never_rewritten() -> None:
         f = make_flow(raw, url="https://api.anthropic.com/v1/messages")
         a.request(f)
         assert f.request.raw_content == raw
+        a.drain()
         rec = f.metadata[META_KEY]
         assert rec["passthrough"] is True and rec["changed"] == {} and rec["class"] == "main"
 
@@ -221,6 +227,7 @@ def test_observe_mode_rewrites_nothing() -> None:
         f = make_flow(raw)
         a.request(f)
         assert f.request.raw_content == raw
+        a.drain()
         rec = f.metadata[META_KEY]
         assert rec["would_change"] == {"billing": 1} and rec["changed"] == {} and rec["rewritten"] is False
         assert f.metadata[BEFORE_KEY] == {"rules": {}, "changes": []}
@@ -251,11 +258,13 @@ def test_non_live_answered_and_other_flows_are_skipped() -> None:
         assert f.request.raw_content == raw and META_KEY not in f.metadata
         answer(f, usage(0, 10))
         a.response(f)
+        a.drain()
         assert META_KEY not in f.metadata
         g = tflow.tflow(req=http.Request.make("GET", "http://127.0.0.1/v1/messages"))
         a.request(g)
         h = make_flow(raw, url="http://127.0.0.1/v1/models")
         a.request(h)
+        a.drain()
         assert META_KEY not in g.metadata and META_KEY not in h.metadata
 
 
@@ -273,6 +282,7 @@ def test_malformed_body_forwarded_unchanged_with_one_warning(
         assert f.request.raw_content == raw
         answer(f, b'{"error": "bad request"}', status=400)
         a.response(f)
+        a.drain()
     assert len(warnings(caplog)) == 1 and "left /v1/messages unchanged" in warnings(caplog)[0]
     assert infos(caplog) == []
     (r,) = records(log)
@@ -314,6 +324,7 @@ def test_undecodable_body_gets_a_record_like_other_bad_bodies(
         a.request(f)
         f.response = http.Response.make(200, b"{}", {"content-type": "application/json"})
         a.response(f)
+        a.drain()
         assert f.request.raw_content == raw_before
     (record,) = [json.loads(line) for line in log.read_text().splitlines()]
     assert record["error"] == "cannot decode body (Content-Encoding 'gzip')" and record["status"] == 200
@@ -331,6 +342,7 @@ def test_count_tokens(tmp_path: Path) -> None:
         assert f.request.raw_content == raw
         answer(f, {"input_tokens": 1234})
         a.response(f)
+        a.drain()
     (r,) = records(log)
     assert (r["api"], r["class"], r["verdict"], r["miss"], r["status"]) == (
         "anthropic-count-tokens",
@@ -390,6 +402,7 @@ def test_turns_get_verdicts_marks_and_comments(tmp_path: Path) -> None:
             answer(f, usage(7900, 100) if k == 1 else usage(0, 8000))
             a.response(f)
             flows.append(f)
+        a.drain()
     r = records(log)
     assert [x["verdict"] for x in r] == ["first", "append-only", "changed"]
     assert (r[2]["diverged_at"], r[2]["cause"], r[2]["miss"]) == ("messages[0].content[0]", "date", "client")
@@ -424,10 +437,12 @@ def test_sse_response_streams_unchanged_and_is_parsed(
         chunks = sse_events()
         out = [tee(c) for c in chunks]
         assert out == chunks  # every chunk passes through unchanged, at once
+        a.drain()
         assert records(log) == []
         assert tee(b"") == b""
         f.response.content = None  # streamed bodies are not stored
         a.response(f)
+        a.drain()
     (r,) = records(log)
     assert (r["cached_tokens"], r["prompt_tokens"], r["evidence"], r["status"]) == (
         18204,
@@ -470,6 +485,7 @@ def test_error_hook_writes_the_record(tmp_path: Path, caplog: pytest.LogCaptureF
         f.error = tflow.terr()
         a.error(f)
         a.error(f)
+        a.drain()
     (r,) = records(log)
     # no response started: mitmproxy answers the client 502, and the record and the warning say so
     assert r["status"] == 502 and r["error"] == "no response: error; the proxy answered 502"
@@ -488,6 +504,7 @@ def test_client_that_left_gets_no_status(tmp_path: Path) -> None:
         a.request(f)
         f.error = tflow.terr("Client disconnected.")
         a.error(f)
+        a.drain()
     (r,) = records(log)
     assert r["status"] is None and r["error"] == "no response: Client disconnected."
 
@@ -506,6 +523,7 @@ def test_interrupted_sse_keeps_the_evidence_seen(tmp_path: Path) -> None:
         f.response.stream(data[: data.index(b"event: content_block_start")])
         f.error = tflow.terr("connection reset")
         a.error(f)
+        a.drain()
     (r,) = records(log)
     assert (r["status"], r["cached_tokens"], r["prompt_tokens"]) == (200, 18204, 18230)
     assert r["error"] == "response interrupted: connection reset"
@@ -526,6 +544,7 @@ def test_interleaved_side_request_warns_once(caplog: pytest.LogCaptureFixture) -
             a.request(f)
             answer(f, usage(5, 9000) if k else usage(0, 9000))
             a.response(f)
+            a.drain()
             assert f.marked == ""
     notes = [w for w in warnings(caplog) if "side requests" in w]
     assert len(notes) == 1 and "--parallel" in notes[0] and "--cache-ram" in notes[0]
@@ -552,6 +571,7 @@ def test_commands_summary_and_reset(caplog: pytest.LogCaptureFixture) -> None:
         )
         f = make_flow(SESSION.request(3))
         a.request(f)
+        a.drain()
         assert f.metadata[META_KEY]["verdict"] == "first"
 
 
@@ -578,6 +598,7 @@ def test_log_context_option() -> None:
         body["system"][2]["text"] = body["system"][2]["text"].replace("M src/app.py", "M src/cli.py")
         f = make_flow(body)
         a.request(f)
+        a.drain()
         ctx = f.metadata[META_KEY]["context"]
         assert set(ctx) == {"old", "new"} and "cli" not in json.dumps(ctx)
 
@@ -591,7 +612,7 @@ def test_internal_error_fails_open_with_one_warning_per_request(
         raise RuntimeError("bug")
 
     with taddons.context(a):
-        monkeypatch.setattr(a.analyzer, "request", boom)
+        monkeypatch.setattr(a.analyzer, "forward", boom)
         raw = json.dumps(SESSION.request(1)).encode()
         for _ in range(2):
             f = make_flow(raw)
@@ -611,6 +632,7 @@ def test_flow_metadata_is_serialisable() -> None:
         a.request(f)
         answer(f, usage(0, 10))
         a.response(f)
+        a.drain()
         tnetstring.dumps(f.get_state())
 
 
@@ -621,3 +643,118 @@ def test_entry_script_loads_and_registers_view() -> None:
         mod = tctx.script(str(Path(addon_mod.__file__)))
         assert isinstance(mod.addons[0], mod.StablePrefix)
     assert "stableprefix" in contentviews.registry
+
+
+# --- issue 13: the analysis off the forwarding path ---------------------------------------------------------
+
+
+class _Updates:
+    """Records the flows of every `update` hook (what mitmweb listens to)."""
+
+    def __init__(self) -> None:
+        self.flows: list[str] = []
+
+    def update(self, flows: Any) -> None:
+        self.flows.extend(f.id for f in flows)
+
+
+async def test_request_hook_returns_before_the_analysis_and_the_loop_gets_the_result(tmp_path: Path) -> None:
+    log = tmp_path / "log.jsonl"
+    a = StablePrefix()
+    updates = _Updates()
+    with taddons.context(a, updates) as tctx:
+        tctx.configure(a, stableprefix_log=str(log))
+        body = SESSION.request(1)
+        f = make_flow(body)
+        a.worker.submit(lambda: time.sleep(0.3))  # the worker is busy: the analysis has to wait
+        assert a.request(f) is None
+        # the bytes are already changed, the analysis has not run yet
+        assert json.loads(f.request.content or b"")["system"] == body["system"][1:]
+        assert f.comment == "" and META_KEY not in f.metadata
+        answer(f, usage(0, 8000))
+        a.response(f)  # returns at once too: the record is completed in the worker
+        assert records(log) == []
+        deadline = time.monotonic() + 10
+        while not records(log) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)  # the loop runs the results the worker posts; no drain() here
+        (r,) = records(log)
+        assert f.comment == "stableprefix: main first" and f.metadata[META_KEY] == r
+        assert f.metadata[BEFORE_KEY]["changes"][0]["path"] == "system[0]"
+        assert updates.flows.count(f.id) == 2  # once for the analysis, once for the completed record
+
+
+def test_turns_queued_back_to_back_are_analysed_in_arrival_order(tmp_path: Path) -> None:
+    log = tmp_path / "log.jsonl"
+    a = StablePrefix()
+    with taddons.context(a) as tctx:
+        tctx.configure(a, stableprefix_log=str(log))
+        flows = [make_flow(SESSION.request(k)) for k in range(1, 7)]
+        for f in flows:  # all requests first, then all responses: nothing waits for the worker
+            a.request(f)
+        for f in reversed(flows):
+            answer(f, usage(0, 8000))
+            a.response(f)
+        a.drain()
+    r = records(log)
+    assert [x["id"] for x in r] == [f.id for f in reversed(flows)]  # written in completion order
+    assert sorted((len(x["chain"]), x["verdict"]) for x in r) == [(1, "first")] + [
+        (n, "append-only") for n in (3, 5, 7, 9, 11)
+    ]
+
+
+def test_analysis_error_fails_open_with_one_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    log = tmp_path / "log.jsonl"
+    a = StablePrefix()
+
+    def boom(*args: Any, **kw: Any) -> Any:
+        raise RuntimeError("bug")
+
+    with taddons.context(a) as tctx:
+        tctx.configure(a, stableprefix_log=str(log))
+        monkeypatch.setattr(a.analyzer, "analyse", boom)
+        body = SESSION.request(1)
+        f = make_flow(body)
+        a.request(f)
+        assert json.loads(f.request.content or b"")["system"] == body["system"][1:]  # forwarded as decided
+        answer(f, usage(0, 10))
+        a.response(f)
+        a.drain()
+        assert META_KEY not in f.metadata
+    assert warnings(caplog) == ["stableprefix: internal error (RuntimeError: bug); traffic passes unchanged"]
+    assert records(log) == []
+
+
+def test_done_waits_for_queued_analyses(tmp_path: Path) -> None:
+    log = tmp_path / "log.jsonl"
+    a = StablePrefix()
+    with taddons.context(a) as tctx:
+        tctx.configure(a, stableprefix_log=str(log))
+        f = make_flow(SESSION.request(1))
+        a.request(f)
+        answer(f, usage(0, 10))
+        a.response(f)
+        g = make_flow(SESSION.request(2))
+        a.request(g)  # never answered
+        a.done()
+    r = records(log)
+    assert [x["id"] for x in r] == [f.id, g.id]
+    assert r[0]["status"] == 200 and r[1]["error"] == "no response: proxy shut down before the response"
+
+
+async def test_a_left_alone_flow_gets_its_record_on_the_loop(tmp_path: Path) -> None:
+    log = tmp_path / "log.jsonl"
+    a = StablePrefix()
+    with taddons.context(a) as tctx:
+        tctx.configure(a, stableprefix_log=str(log))
+        f = make_flow(SESSION.request(1))
+        f.request.stream = True  # the only flow: left alone, never analysed
+        a.request(f)
+        answer(f, usage(0, 10))
+        a.response(f)
+        deadline = time.monotonic() + 10
+        while not records(log) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+    (r,) = records(log)
+    assert r["status"] == 200 and "streamed" in r["error"]

@@ -35,6 +35,7 @@ def test_view_is_auto_selected_for_handled_requests_only() -> None:
     with taddons.context(a):
         f = flow(SESSION.request(1))
         a.request(f)
+        a.drain()  # the analysis (which the view shows) runs off the forwarding path
         assert contentviews.prettify_message(f.request, f).view_name == "stableprefix"
         respond(f, 0, 100)
         a.response(f)
@@ -42,6 +43,7 @@ def test_view_is_auto_selected_for_handled_requests_only() -> None:
         assert contentviews.prettify_message(f.response, f).view_name == "JSON"
         g = flow(b"{not json")  # left alone: no view of ours
         a.request(g)
+        a.drain()
         assert META_KEY in g.metadata
         assert contentviews.prettify_message(g.request, g).view_name != "stableprefix"
         h = flow(SESSION.request(1), url="http://127.0.0.1/other")
@@ -65,6 +67,7 @@ def test_text_shows_rules_divergence_and_server() -> None:
         a.request(f)
         respond(f, 2100, 7000)
         a.response(f)
+        a.drain()
         rec = f.metadata[META_KEY]
         text = contentviews.prettify_message(f.request, f).text
     lines = text.splitlines()

@@ -7,6 +7,7 @@ import http.client
 import json
 import os.path
 import secrets
+import time
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,9 @@ def test_mitmweb_shows_verdicts_view_and_commands(mitm: Any, upstream: Upstream,
     for body in turns:
         send(proxy.port, body)
     assert proxy.wait_for("stableprefix: main")
+    deadline = time.monotonic() + 30  # records complete off the forwarding path: wait for all three
+    while proxy.output().count("stableprefix: main") < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
     web = Web(web_port, token)
 
     # unauthenticated requests are refused: the API really is the authenticated one

@@ -3,6 +3,9 @@
     a = Analyzer(settings)
     result = a.request(method, host, path, raw, headers)   # pipeline.process + stream tracking
     if result is not None and result.forward is not None: send result.forward instead of raw
+    # or in two steps, the second off the forwarding path (in arrival order):
+    fwd = a.forward(method, host, path, raw, headers)       # guard scan; parse + rules only on a hit
+    send fwd.forward or raw;  result = a.analyse(fwd)
     ... the server answers ...
     record = a.response(result.record, status, headers, body)     # body: JSON, or the SSE text
     # or, streamed:  p = a.sse_parser(result.record, headers, status); p.feed(chunk)...; record = p.finish()
@@ -115,15 +118,27 @@ class Analyzer:
     def request(
         self, method: str, host: str, path: str, raw: bytes, headers: Mapping[str, str] | None = None
     ) -> pipeline.Result | None:
-        """`pipeline.process`, then the stream fields added to the record (not for bodies left alone)."""
-        with _gc_paused():  # the parsed body holds no cycles; collections it would trigger cost ~15 %
-            return self._request(method, host, path, raw, headers)
+        """`pipeline.process`, then the stream fields added to the record (not for bodies left alone):
+        `forward` and `analyse` in one call."""
+        fwd = self.forward(method, host, path, raw, headers)
+        return None if fwd is None else self.analyse(fwd)
 
-    def _request(
-        self, method: str, host: str, path: str, raw: bytes, headers: Mapping[str, str] | None
-    ) -> pipeline.Result | None:
-        result = pipeline.process(method, host, path, raw, self.settings, headers or {}, self.sticky)
-        if result is None or result.warning or result.body is None or result.fingerprint is None:
+    def forward(
+        self, method: str, host: str, path: str, raw: bytes, headers: Mapping[str, str] | None = None
+    ) -> pipeline.Forward | None:
+        """The forwarding path: the guard scan and, only when a guard occurs, parse + rules + new bytes."""
+        with _gc_paused():  # the parsed body holds no cycles; collections it would trigger cost ~15 %
+            return pipeline.forward(method, host, path, raw, self.settings, headers or {}, self.sticky)
+
+    def analyse(self, fwd: pipeline.Forward) -> pipeline.Result:
+        """Everything else, off the forwarding path: fingerprint, per-block detail, stream tracking,
+        verdict. Requests of one conversation must be analysed in the order they arrived."""
+        with _gc_paused():
+            return self._analyse(fwd)
+
+    def _analyse(self, fwd: pipeline.Forward) -> pipeline.Result:
+        result = pipeline.analyse(fwd)
+        if result.warning or result.body is None or result.fingerprint is None:
             return result
         parts = (
             result.parts

@@ -12,8 +12,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+#: The literal every header holds: a body without it (and without escapes) needs no parse for this rule.
+GUARD = "x-anthropic-billing-header"
 _PAIRS = r"(?:[ \t]*[A-Za-z0-9_-]+=[^;\r\n]*;)*"
-_LINE = r"[ \t]*x-anthropic-billing-header:" + _PAIRS + r"[ \t]*(?:\r?\n)*"
+_LINE = r"[ \t]*" + GUARD + ":" + _PAIRS + r"[ \t]*(?:\r?\n)*"
 #: A header line plus the line breaks that join it to the text after it; used with .match(text, pos),
 #: so it is anchored where a header may start (the start of a text, or the end of a header before it).
 HEADER = re.compile(_LINE)

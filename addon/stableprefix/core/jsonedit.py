@@ -290,3 +290,124 @@ def _apply_member(v: Any, sub: Any) -> Any:
     if isinstance(sub, Replace):
         return sub.value
     return _apply(v, sub)
+
+
+# --- the same on bytes, for compact bodies (the forwarding path's fast case) ------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RawDocument:
+    """A JSON object parsed with orjson whose top-level members are proven in the original bytes.
+
+    `parse` returns None unless every top-level member sits exactly where its compact form (what Node's
+    ``JSON.stringify`` writes, and orjson) says, so the spans are exact without a second, slower parse;
+    the caller then uses `Document`. Edits are spliced into the bytes as `Document.edited` splices text:
+    same positions, same replacement text, so the same result.
+    """
+
+    raw: bytes
+    value: dict[str, Any]
+    _top: tuple[_Member, ...]
+
+    @classmethod
+    def parse(cls, raw: bytes) -> RawDocument | None:
+        if orjson is None:
+            return None
+        try:
+            value = orjson.loads(raw)
+        except (ValueError, RecursionError):  # orjson is stricter than `json`: let `Document` decide
+            return None
+        if not isinstance(value, dict):
+            return None
+        start, end = _ws_bytes(raw, 0), len(raw)
+        while end > start and raw[end - 1] in b" \t\n\r":
+            end -= 1
+        if raw[start : start + 1] != b"{" or raw[end - 1 : end] != b"}":
+            return None
+        members = _members_of_bytes(raw, start, value)
+        if members is None or _ws_bytes(raw, members[-1].end if members else start + 1) != end - 1:
+            return None
+        return cls(raw, value, tuple(members))
+
+    def edited_bytes(self, edits: Iterable[Edit]) -> bytes:
+        """The document bytes with `edits` spliced in. Raises ValueError when a nested container is not in
+        compact form (the caller then edits through `Document`)."""
+        tree = _trie(edits)
+        if not tree:
+            return self.raw
+        ops: list[tuple[int, int, str]] = []
+        _container_ops_bytes(self.raw, list(self._top), tree, ops)
+        ops.sort(key=lambda op: op[0])
+        out: list[bytes] = []
+        pos = 0
+        for start, end, new in ops:
+            if start < pos:
+                raise ValueError("overlapping edits")
+            out.append(self.raw[pos:start])
+            out.append(new.encode("utf-8"))
+            pos = end
+        out.append(self.raw[pos:])
+        return b"".join(out)
+
+
+def _ws_bytes(raw: bytes, i: int) -> int:
+    while i < len(raw) and raw[i] in b" \t\n\r":
+        i += 1
+    return i
+
+
+def _container_ops_bytes(raw: bytes, members: list[_Member], tree: dict[Key, Any], ops: list) -> None:
+    keep = [m for m in members if not isinstance(tree.get(m.key), Delete)]
+    if len(keep) < len(members):
+        _delete_ops(members, {m.key for m in keep}, ops)
+    for m in keep:
+        sub = tree.get(m.key)
+        if sub is None:
+            continue
+        if isinstance(sub, Replace):
+            ops.append((m.value_start, m.end, dumps(sub.value)))
+        elif raw[m.value_start] in b"{[":
+            found = _members_of_bytes(raw, m.value_start, m.value)
+            if found is None:
+                raise ValueError("container not in compact form")
+            _container_ops_bytes(raw, found, sub, ops)
+        else:
+            raise ValueError(f"path goes through a scalar at {m.key!r}")
+
+
+def _members_of_bytes(raw: bytes, i: int, value: Any) -> list[_Member] | None:
+    """`_members_of` on bytes: members proven by their orjson form; None as soon as one is not."""
+    if orjson is None:
+        return None
+    is_object = raw[i : i + 1] == b"{"
+    if is_object != isinstance(value, dict) or (not is_object and not isinstance(value, list)):
+        return None
+    close = b"}"[0] if is_object else b"]"[0]
+    items = value.items() if is_object else enumerate(value)
+    members: list[_Member] = []
+    j = _ws_bytes(raw, i + 1)
+    try:
+        for n, (key, v) in enumerate(items):
+            if n:
+                if raw[j] != 0x2C:  # ","
+                    return None
+                j = _ws_bytes(raw, j + 1)
+            start = j
+            if is_object:
+                token = orjson.dumps(key)
+                if not raw.startswith(token, j):
+                    return None
+                j = _ws_bytes(raw, j + len(token))
+                if raw[j] != 0x3A:  # ":"
+                    return None
+                j = _ws_bytes(raw, j + 1)
+            guess = orjson.dumps(v)
+            if not raw.startswith(guess, j):
+                return None
+            members.append(_Member(key, start, j, j + len(guess), v))
+            j = _ws_bytes(raw, j + len(guess))
+        if raw[j] != close:  # more members in the bytes than in the value (duplicate keys), or junk
+            return None
+    except (TypeError, IndexError):  # orjson.JSONEncodeError: a lone surrogate, a big integer
+        return None
+    return members

@@ -23,11 +23,15 @@ from stableprefix.core import shapes
 from stableprefix.core.fingerprint import Fingerprint
 from stableprefix.core.fingerprint import fingerprint
 from stableprefix.core.jsonedit import Document
+from stableprefix.core.jsonedit import Edit
+from stableprefix.core.jsonedit import RawDocument
 from stableprefix.core.jsonedit import apply_edits
+from stableprefix.core.rules import Outcome
 from stableprefix.core.rules import Rule
 from stableprefix.core.rules import StickyMemory
 from stableprefix.core.rules import apply
 from stableprefix.core.rules import builtin_rules
+from stableprefix.core.rules import guard_hits
 from stableprefix.core.rules import slot_scopes as rules_slot_scopes
 from stableprefix.core.shapes import Shape
 
@@ -100,6 +104,25 @@ def billing_fields(shape: Shape) -> dict[str, Any] | None:
     return None
 
 
+@dataclass
+class Forward:
+    """What the forwarding path decided for one request: the bytes to send (None: the original) and what it
+    parsed to decide (None when the guard scan found nothing any rule could change: then `analyse` parses)."""
+
+    forward: bytes | None
+    record: dict[str, Any]
+    raw: bytes
+    headers: Mapping[str, str]
+    settings: Settings
+    sticky: StickyMemory | None = None
+    doc: Document | RawDocument | None = None
+    shape: Shape | None = None
+    session: str = ""
+    outcome: Outcome | None = None
+    body: dict[str, Any] | None = None  # the body as forwarded, when rules changed it
+    warning: str | None = None
+
+
 def process(
     method: str,
     host: str,
@@ -110,64 +133,125 @@ def process(
     sticky: StickyMemory | None = None,
 ) -> Result | None:
     """Normalise one request. None when it is not an LLM request this project handles."""
+    fwd = forward(method, host, path, raw, settings, headers, sticky)
+    return None if fwd is None else analyse(fwd)
+
+
+def forward(
+    method: str,
+    host: str,
+    path: str,
+    raw: bytes,
+    settings: Settings,
+    headers: Mapping[str, str] | None = None,
+    sticky: StickyMemory | None = None,
+) -> Forward | None:
+    """Only what decides the bytes to send: a guard scan (`rules.guard_hits`), and when a guard occurs,
+    parse, rules and the spliced edits. None when it is not an LLM request this project handles."""
     api = shapes.api_for_path(path)
     if method.upper() != "POST" or api is None:
         return None
     record = records.new(host, path, str(api))
+    fwd = Forward(None, record, raw, headers or {}, settings, sticky)
+    if settings.observe or settings.is_passthrough(host) or not guard_hits(settings.rules, raw):
+        return fwd  # no rule can change these bytes: they go out as they came, `analyse` parses them
+    if not _parse(fwd):
+        return fwd
+    assert fwd.doc is not None and fwd.shape is not None
     try:
-        doc = Document.parse(raw)
-        shape = shapes.detect(path, doc.value, settings.slot_scopes)
+        fwd.session = session_id(fwd.headers, fwd.doc.value)
+        fwd.outcome = apply(fwd.shape, settings.rules, fwd.session, sticky)
+        if fwd.outcome.edits:
+            fwd.forward = _edited(fwd.doc, fwd.outcome.edits)
+            fwd.body = apply_edits(fwd.doc.value, fwd.outcome.edits)
+            record["rewritten"] = True
+    except Exception as e:  # a bug must never cost a request: forward the original bytes, say why once
+        fwd.forward = fwd.body = None
+        record["rewritten"] = False
+        _internal_error(fwd, e)
+    return fwd
+
+
+def _edited(doc: Document | RawDocument, edits: list[Edit]) -> bytes:
+    """The body bytes with `edits` spliced in (through `Document` when a container is not compact)."""
+    if isinstance(doc, RawDocument):
+        try:
+            return doc.edited_bytes(edits)
+        except ValueError:
+            return Document.parse(doc.raw).edited(edits).encode("utf-8")
+    return doc.edited(edits).encode("utf-8")
+
+
+def _parse(fwd: Forward) -> bool:
+    """Parse `fwd.raw` into `fwd.doc` and `fwd.shape`; on a bad body set the record's error and the warning."""
+    record = fwd.record
+    try:
+        fwd.doc = RawDocument.parse(fwd.raw) or Document.parse(fwd.raw)  # the fast case, else the exact one
+        fwd.shape = shapes.detect(record["path"], fwd.doc.value, fwd.settings.slot_scopes)
     except (ValueError, RecursionError) as e:
         reason = f"{type(e).__name__}: {e}" if not isinstance(e, UnicodeDecodeError) else "body is not UTF-8"
         record["error"] = reason[:200]
         record["state"] = "left-alone"
-        return Result(None, record, warning=f"left {record['path']} unchanged: {reason[:200]}")
-    assert shape is not None
-    try:
-        return _normalise(doc, shape, host, record, settings, headers or {}, sticky)
-    except Exception as e:  # a bug must never cost a request: forward the original bytes, say why once
-        record["error"] = f"internal error ({type(e).__name__})"  # its message could quote prompt text
+        fwd.warning = f"left {record['path']} unchanged: {reason[:200]}"
+        return False
+    assert fwd.shape is not None
+    return True
+
+
+def _internal_error(fwd: Forward, e: Exception) -> None:
+    record = fwd.record
+    record["error"] = f"internal error ({type(e).__name__})"  # its message could quote prompt text
+    if fwd.forward is None:
         record["state"] = "left-alone"
-        return Result(None, record, doc.value, warning=f"left {record['path']} unchanged: {record['error']}")
+        fwd.warning = f"left {record['path']} unchanged: {record['error']}"
+    else:
+        fwd.warning = f"analysis of {record['path']} failed: {record['error']}"
 
 
-def _normalise(
-    doc: Document,
-    shape: Shape,
-    host: str,
-    record: dict[str, Any],
-    settings: Settings,
-    headers: Mapping[str, str],
-    sticky: StickyMemory | None,
-) -> Result:
+def analyse(fwd: Forward) -> Result:
+    """Everything that does not change the bytes: billing fields, session, fingerprint; for bodies the
+    forwarding path did not parse, the parse (and in observe mode the rules) too."""
+    record = fwd.record
+    if fwd.warning is None and fwd.doc is None and not _parse(fwd):
+        return Result(None, record, warning=fwd.warning)
+    if fwd.warning is not None:
+        return Result(None, record, fwd.doc.value if fwd.doc else None, warning=fwd.warning)
+    assert fwd.doc is not None and fwd.shape is not None
+    try:
+        return _normalise(fwd)
+    except Exception as e:
+        _internal_error(fwd, e)
+        return Result(fwd.forward, record, fwd.doc.value, warning=fwd.warning)
+
+
+def _normalise(fwd: Forward) -> Result:
+    doc, shape, settings, record = fwd.doc, fwd.shape, fwd.settings, fwd.record
+    assert doc is not None and shape is not None
+    if fwd.outcome is None:
+        fwd.session = session_id(fwd.headers, doc.value)
     api = shape.api
-    session = session_id(headers, doc.value)
+    session = fwd.session
     record["changed"] = {}
     record["actions"] = {}
     if (bill := billing_fields(shape)) is not None:
         record["billing"] = bill
-    passthrough = settings.is_passthrough(host)
-    outcome = apply(shape, settings.rules, session, sticky) if not passthrough else None
-    body = doc.value
-    forward = None
+    passthrough = settings.is_passthrough(record["host"])
+    outcome = fwd.outcome
+    if outcome is None and settings.observe and not passthrough:
+        outcome = apply(shape, settings.rules, session, fwd.sticky)  # observe: what the rules would do
+    body = fwd.body if fwd.body is not None else doc.value
     if outcome and outcome.edits:
         fired = dict(sorted(outcome.fired.items()))
         action = {r.name: r.action for r in settings.rules}
         record["actions"] = {name: action.get(name, "?") for name in fired}
-        if settings.observe:
-            record["would_change"] = fired
-        else:
-            forward = doc.edited(outcome.edits).encode("utf-8")
-            body = apply_edits(doc.value, outcome.edits)
-            record["changed"] = fired
-            record["rewritten"] = True
+        record["would_change" if settings.observe else "changed"] = fired
     if passthrough:
         record["passthrough"] = True
     record["session"] = fingerprint_session(session) if session else None
     parts = shapes.parts(api, body)
     fp = fingerprint(parts)
     record.update(fp.as_record())
-    return Result(forward, record, body, fp, parts, original_body=doc.value)
+    return Result(fwd.forward, record, body, fp, parts, original_body=doc.value)
 
 
 def fingerprint_session(session: str) -> str:

@@ -182,10 +182,146 @@ class Rule:
     matcher: Matcher | None = None
     value: Any = None  # str, or a table group -> str, or (path rules) any JSON value
     enabled: bool = True
+    #: Literals of which at least one occurs in the raw body whenever the rule can change it (a cheap
+    #: ``bytes.find`` before any parse); None: the rule has no such literal and every body is parsed.
+    #: Left None, it is derived from the matcher and scopes (`derive_guard`).
+    guard: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.guard is None:
+            object.__setattr__(self, "guard", derive_guard(self))
 
     @property
     def preset(self) -> str:
         return self.name.split(".", 1)[0]
+
+
+# --- guards: literals a body must contain for a rule to fire ------------------------------------------
+
+#: Characters a guard may hold: printable ASCII that JSON writes as is (no quote, backslash or slash, which
+#: encoders may escape). Any of them can still be written as a ``\u00XX`` escape: `may_hide_guard` checks.
+_GUARD_CHARS = frozenset(chr(c) for c in range(0x20, 0x7F)) - {'"', "\\", "/"}
+_MIN_GUARD = 3
+
+
+def derive_guard(rule: Rule) -> tuple[str, ...] | None:
+    """The guard of a rule: its matcher's required literal(s), else the JSON key its path or tools scope
+    names; None when neither exists (a text rule whose regex has no required literal)."""
+    if isinstance(rule.matcher, BillingMatcher):
+        return (billing.GUARD,)
+    if isinstance(rule.matcher, RegexMatcher):
+        literals = required_literals(rule.matcher.pattern)
+        if literals is not None:
+            return literals
+    keys: list[str] = []
+    for scope in rule.scopes:
+        if scope.kind == "tools":
+            keys.append("tools")
+        elif scope.kind == "path":
+            named = [k for k in scope.pattern if isinstance(k, str)]
+            if not named or not _guard_ok(named[-1]):
+                return None
+            keys.append(named[-1])
+        else:
+            return None
+    return tuple(dict.fromkeys(keys)) or None
+
+
+def _guard_ok(literal: str) -> bool:
+    return len(literal) >= _MIN_GUARD and all(c in _GUARD_CHARS for c in literal)
+
+
+def required_literals(pattern: str) -> tuple[str, ...] | None:
+    """Literals of which at least one occurs in every match of an RE2 `pattern`; None if none is known.
+
+    Read with Python's own regex parser, which reads RE2's common syntax the same way; patterns it reads
+    differently (POSIX classes ``[[:alpha:]]``), or cannot read (``\\pL``, ``\\Q``), and case-insensitive
+    patterns get None.
+    """
+    if "[:" in pattern:
+        return None
+    try:
+        parsed = re._parser.parse(pattern.replace("\\z", "\\Z"))  # type: ignore[attr-defined]
+    except (re.error, OverflowError, RecursionError, ValueError):
+        return None
+    if parsed.state.flags & re.IGNORECASE:
+        return None
+    return _required(list(parsed))
+
+
+def _required(items: list[Any]) -> tuple[str, ...] | None:
+    """The most selective required alternatives of a parsed sequence (longest shortest literal)."""
+    from re import _constants as sre  # type: ignore[attr-defined]
+
+    best: tuple[str, ...] | None = None
+    run: list[str] = []
+
+    def consider(alts: tuple[str, ...] | None) -> None:
+        nonlocal best
+        if alts and (best is None or min(map(len, alts)) > min(map(len, best))):
+            best = alts
+
+    def flush() -> None:
+        literal = "".join(run)
+        run.clear()
+        if _guard_ok(literal):
+            consider((literal,))
+
+    for op, av in items:
+        if op is sre.LITERAL and chr(av) in _GUARD_CHARS:
+            run.append(chr(av))
+            continue
+        flush()
+        if op is sre.SUBPATTERN:
+            _group, add_flags, _del_flags, sub = av
+            if not add_flags & re.IGNORECASE:
+                consider(_required(list(sub)))
+        elif op in (sre.MAX_REPEAT, sre.MIN_REPEAT, sre.POSSESSIVE_REPEAT) and av[0] >= 1:
+            consider(_required(list(av[2])))
+        elif op is sre.ATOMIC_GROUP:
+            consider(_required(list(av)))
+        elif op is sre.BRANCH:
+            alts: list[str] = []
+            for branch in av[1]:
+                got = _required(list(branch))
+                if got is None:
+                    break
+                alts.extend(got)
+            else:
+                consider(tuple(dict.fromkeys(alts)))
+    flush()
+    return best
+
+
+def may_hide_guard(raw: bytes, limit: int = 1000) -> bool:
+    """Whether `raw` holds a ``\\u00XX`` escape of a printable ASCII character (``\\u0020``-``\\u007f``),
+    which could spell a guard without its literal bytes. JavaScript's and Python's encoders never write
+    such escapes, so the answer is almost always no after a few ``find`` calls; more than `limit` other
+    ``\\u00`` escapes count as yes."""
+    pos = raw.find(b"\\u00")
+    n = 0
+    while pos >= 0:
+        if raw[pos + 4 : pos + 5] in (b"2", b"3", b"4", b"5", b"6", b"7"):
+            return True
+        n += 1
+        if n > limit:
+            return True
+        pos = raw.find(b"\\u00", pos + 4)
+    return False
+
+
+def guard_hits(rules: Iterable[Rule], raw: bytes) -> bool:
+    """Whether any enabled rule could change `raw`: a guard occurs, a rule has none, or an escape may hide one."""
+    guards: list[bytes] = []
+    for r in rules:
+        if not r.enabled:
+            continue
+        if r.guard is None:
+            return True
+        guards.extend(g.encode() for g in r.guard)
+    if not guards:
+        return False
+    return any(raw.find(g) >= 0 for g in dict.fromkeys(guards)) or may_hide_guard(raw)
 
 
 # --- built-in rules -----------------------------------------------------------------------------------
@@ -204,10 +340,12 @@ def builtin_rules(billing_mode: str = "drop") -> list[Rule]:
                 if billing_mode == "pin"
                 else None
             )
-            out.append(Rule(f.name, parse_scopes(f.scopes), billing_mode, BillingMatcher(), pins, f.enabled))
+            out.append(Rule(f.name, parse_scopes(f.scopes), billing_mode, BillingMatcher(), pins, f.enabled,
+                            guard=(f.guard,) if f.guard else None))  # fmt: skip
             continue
         matcher = RegexMatcher.compile(f.pattern) if f.pattern else None
-        out.append(Rule(f.name, parse_scopes(f.scopes), str(f.action), matcher, f.value, f.enabled))
+        guard = (f.guard,) if f.guard else None  # the table's literal; else derived from the pattern
+        out.append(Rule(f.name, parse_scopes(f.scopes), str(f.action), matcher, f.value, f.enabled, guard))
     return out
 
 

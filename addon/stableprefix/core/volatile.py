@@ -38,7 +38,7 @@ FIELDS: tuple[Field, ...] = (
         "billing",
         "run through stableprefix (rule billing, on by default); not for passthrough hosts",
         scopes=("system",),
-        guard="x-anthropic-billing-header:",
+        guard="x-anthropic-billing-header",
         detect=r"\A[ \t]*x-anthropic-billing-header:[^\r\n]*(?:\r?\n)*",
         action="drop",  # billing.py holds its grammar; stableprefix_billing=pin|off changes the action
         enabled=True,

@@ -10,16 +10,21 @@ and logged as one INFO line; the flow gets a comment (the verdict), a mark for a
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import logging
 import os
 import time
+from collections.abc import Awaitable
 from collections.abc import Sequence
 from typing import Any
 
 from mitmproxy import command
 from mitmproxy import ctx
 from mitmproxy import exceptions
+from mitmproxy import hooks
 from mitmproxy import http
+from mitmproxy.net import encoding as mitm_encoding
 
 from stableprefix.core import pipeline
 from stableprefix.core import record as records
@@ -35,6 +40,7 @@ from stableprefix.core.record import summary_lines
 from stableprefix.mitm import contentview  # noqa: F401  (registers the "stableprefix" content view)
 from stableprefix.mitm import options
 from stableprefix.mitm.jsonl import JsonlWriter
+from stableprefix.mitm.worker import Worker
 
 logger = logging.getLogger("stableprefix")
 MARK = ":warning:"  # flow.marked for a client-side miss (mitmweb shows ⚠; filter ~marked)
@@ -52,8 +58,10 @@ class StablePrefix:
         self._rules_mtime: float | None = None
         self._rules_checked = 0.0
         self._rules_broken: str | None = None
-        self._pending: dict[str, dict[str, Any]] = {}  # flow id -> record, until the response completes
-        self._feeds: dict[str, SSEFeed] = {}  # flow id -> parser of a streamed response
+        self._entries: dict[str, _Entry] = {}  # flow id -> handled flow, until its response completes
+        self.worker = Worker()  # the analysis, off the forwarding path, in arrival order
+        self._ready: collections.deque[Any] = collections.deque()  # worker results for the event loop
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def settings(self) -> pipeline.Settings:
@@ -179,9 +187,12 @@ class StablePrefix:
         )
 
     def done(self) -> None:
-        for flow_id in list(self._pending):
-            record = self._pending.pop(flow_id)
-            self._feeds.pop(flow_id, None)
+        if not self.drain(timeout=120.0):  # every queued analysis and record first: none is lost
+            logger.warning("stableprefix: the analysis did not finish within 120 s; records may be missing")
+        for flow_id in list(self._entries):
+            record = self._entries.pop(flow_id).record
+            if record is None:
+                continue
             self._guard(lambda r=record: self.analyzer.error(r, "proxy shut down before the response"))
             self._write(record)
         for line in summary_lines(self.analyzer.summary()):
@@ -195,6 +206,7 @@ class StablePrefix:
     @command.command("stableprefix.summary")
     def summary(self) -> str:
         """Per conversation stream: requests, append-only share, misses by cause, tokens the server reused."""
+        self.drain(timeout=10.0)  # the requests answered so far, analysed (a user's command: may wait)
         lines = summary_lines(self.analyzer.summary())
         for line in lines:
             logger.info(line)
@@ -203,7 +215,7 @@ class StablePrefix:
     @command.command("stableprefix.reset")
     def reset(self) -> None:
         """Forget all streams and statistics (the next request of every conversation counts as first)."""
-        self.analyzer.reset()
+        self.worker.submit(self.analyzer.reset)  # after the requests already queued, before later ones
         logger.info("stableprefix: streams and statistics reset")
 
     # --- hooks ---------------------------------------------------------------------------------------------
@@ -219,39 +231,110 @@ class StablePrefix:
             )
             return None
 
-    def request(self, flow: http.HTTPFlow) -> None:
+    def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        """The forwarding path: new bytes if a rule changes them, then the analysis is queued (in arrival
+        order) and the flow goes on. Returns an awaitable only when the analysis queue is over its budget."""
         if flow.response or flow.error or not flow.live:
-            return
+            return None
         req = flow.request
         if req.method != "POST" or pipeline.shapes.api_for_path(req.path) is None:
-            return
+            return None
         self._maybe_reload_rules()
+        self._remember_loop()
         extra = {"client": flow.client_conn.peername}
         if req.stream or req.raw_content is None:
             self._left_alone(flow, "request body was streamed (stream_large_bodies); not normalised", extra)
-            return
+            return None
         try:
             raw = req.get_content(strict=True) or b""
         except ValueError:  # mitmproxy's message quotes body bytes: name the encoding only
             encoding = req.headers.get("content-encoding", "")
             self._left_alone(flow, f"cannot decode body (Content-Encoding {encoding!r})", extra)
+            return None
+        fwd = self._guard(lambda: self.analyzer.forward(req.method, req.host, req.path, raw, req.headers))
+        if fwd is None:
+            return None
+        if fwd.forward is not None:
+            req.content = fwd.forward  # re-encodes Content-Encoding, fixes Content-Length
+        entry = _Entry(flow, round(time.time(), 3), extra)
+        self._entries[flow.id] = entry
+        self.worker.submit(lambda: self._analyse(entry, fwd), len(raw))
+        if self.worker.over_budget():
+            if self._loop is not None:
+                return self.worker.room()
+            self.worker.room_sync()
+        return None
+
+    # --- off the forwarding path (the worker thread) ---------------------------------------------------
+
+    def _analyse(self, entry: _Entry, fwd: pipeline.Forward) -> None:
+        """Worker: the analysis of one request; the flow gets its comment and content view afterwards."""
+        try:
+            result = self.analyzer.analyse(fwd)
+            record: dict[str, Any] = {"ts": entry.ts, "id": entry.flow.id, **result.record}
+            before = None if result.warning else self._guard(lambda: before_state(result))
+        except Exception as e:  # fail open: the request went on; no record, one warning
+            msg = f"stableprefix: internal error ({type(e).__name__}: {e}); traffic passes unchanged"
+            self._post(lambda: logger.warning(msg))
             return
-        result = self._guard(lambda: self.analyzer.request(req.method, req.host, req.path, raw, req.headers))
-        if result is None:
-            return
-        record: dict[str, Any] = {"ts": round(time.time(), 3), "id": flow.id, **result.record}
-        if result.warning:
-            logger.warning(f"stableprefix: {result.warning}", extra=extra)
+        entry.record = record
+        self._post(lambda: self._analysed(entry, record, result.warning, before))
+
+    def _analysed(
+        self, entry: _Entry, record: dict[str, Any], warning: str | None, before: dict[str, Any] | None
+    ) -> None:
+        """Event loop: show the analysis on the flow (comment, content view) and in the log."""
+        flow = entry.flow
+        if warning:
+            logger.warning(f"stableprefix: {warning}", extra=entry.extra)
         else:
-            if result.forward is not None:
-                req.content = result.forward  # re-encodes Content-Encoding, fixes Content-Length
-            before = self._guard(lambda: before_state(result))
             if before is not None:
                 flow.metadata[BEFORE_KEY] = before
             flow.comment = comment(record)
         flow.metadata[META_KEY] = record
-        self._pending[flow.id] = record
         self._notices()
+        _updated(flow)
+
+    def _complete(self, entry: _Entry, fn: Any) -> None:
+        """Worker: complete the record of an answered (or failed) request with `fn(record)`, then write it."""
+        record = entry.record
+        if record is None:  # the analysis failed: no record (it said so)
+            return
+        self._guard(lambda: fn(record))
+        self._post(lambda: self._finish(entry.flow, record))
+
+    def _post(self, fn: Any) -> None:
+        """Worker: run `fn` on the event loop (in order); without a running loop, `drain` runs it."""
+        self._ready.append(fn)
+        loop = self._loop
+        if loop is not None:
+            try:
+                loop.call_soon_threadsafe(self._run_ready)
+            except RuntimeError:  # the loop has closed: drain() runs what is left
+                pass
+
+    def _run_ready(self) -> None:
+        while self._ready:
+            try:
+                fn = self._ready.popleft()
+            except IndexError:
+                return
+            self._guard(fn)
+
+    def _remember_loop(self) -> None:
+        try:
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError:  # called outside an event loop (tests): `drain` delivers the results
+            self._loop = None
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait for every queued analysis and completion and deliver their results (flow comments, log
+        lines, records) on the calling thread; False if the worker did not finish within `timeout`."""
+        done = self.worker.join(timeout)
+        self._run_ready()
+        return done
+
+    # --- the other flow hooks ----------------------------------------------------------------------------
 
     def _left_alone(self, flow: http.HTTPFlow, reason: str, extra: dict[str, Any]) -> None:
         """A handled request the addon could not read: one warning, and a record saying why."""
@@ -259,20 +342,23 @@ class StablePrefix:
         path = req.path.split("?")[0]
         logger.warning(f"stableprefix: left {path} unchanged: {reason}", extra=extra)
         api = pipeline.shapes.api_for_path(req.path)
-        record = {"ts": round(time.time(), 3), "id": flow.id,
-                  **records.new(req.host, req.path, str(api), state="left-alone"), "error": reason}  # fmt: skip
+        ts = round(time.time(), 3)
+        record = {"ts": ts, "id": flow.id, **records.new(req.host, req.path, str(api), state="left-alone"),
+                  "error": reason}  # fmt: skip
         flow.metadata[META_KEY] = record
-        self._pending[flow.id] = record
+        entry = _Entry(flow, ts, extra, record, left_alone=True)
+        self._entries[flow.id] = entry
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        record = self._pending.get(flow.id)
+        entry = self._entries.get(flow.id)
         resp = flow.response
-        if record is None or resp is None or not records.analysed(record):
+        if entry is None or resp is None or entry.left_alone:
             return
         if not resp.headers.get("content-type", "").lower().startswith("text/event-stream"):
             return
-        feed = self.analyzer.sse_parser(record, resp.headers, resp.status_code)
-        self._feeds[flow.id] = feed
+        # The record may not be analysed yet: it is attached when the stream finishes (in the worker).
+        feed = self.analyzer.sse_parser({}, resp.headers, resp.status_code)
+        entry.feed = feed
         previous = resp.stream
 
         def tee(chunk: bytes) -> Any:
@@ -282,34 +368,47 @@ class StablePrefix:
         resp.stream = tee  # stream on, chunk by chunk, unchanged
 
     def response(self, flow: http.HTTPFlow) -> None:
-        record = self._pending.pop(flow.id, None)
-        feed = self._feeds.pop(flow.id, None)
+        entry = self._entries.pop(flow.id, None)
         resp = flow.response
-        if record is None or resp is None:
+        if entry is None or resp is None:
             return
-        if not records.analysed(record):  # a body the addon left alone: no analysis, just the outcome
-            record["status"] = resp.status_code
-        elif feed is not None:
-            self._guard(feed.finish)
-        else:
-            body = resp.get_content(strict=False)
-            self._guard(lambda: self.analyzer.response(record, resp.status_code, resp.headers, body))
-        self._finish(flow, record)
+        self._remember_loop()
+        status, feed = resp.status_code, entry.feed
+        raw, encoding = resp.raw_content, resp.headers.get("content-encoding")
+        headers = resp.headers
+
+        def complete(record: dict[str, Any]) -> None:
+            if not records.analysed(record):  # a body the addon left alone: no analysis, just the outcome
+                record["status"] = status
+            elif feed is not None:
+                feed.record = record
+                feed.finish()
+            else:
+                self.analyzer.response(record, status, headers, _decoded(raw, encoding))
+
+        self.worker.submit(lambda: self._complete(entry, complete), len(raw or b""))
 
     def error(self, flow: http.HTTPFlow) -> None:
-        record = self._pending.pop(flow.id, None)
-        feed = self._feeds.pop(flow.id, None)
-        if record is None:
+        entry = self._entries.pop(flow.id, None)
+        if entry is None:
             return
+        self._remember_loop()
         msg = flow.error.msg if flow.error else "unknown error"
-        if feed is not None:  # a stream cut short: what the server reported so far still counts
-            self._guard(feed.finish)
-            record.setdefault("error", f"response interrupted: {msg}"[:200])
-        else:
-            # No response started: unless the client itself went away, mitmproxy answers it with a 502.
-            status = None if flow.response is not None or _client_gone(msg) else 502
-            self._guard(lambda: self.analyzer.error(record, msg, status))
-        self._finish(flow, record)
+        feed = entry.feed
+        # No response started: unless the client itself went away, mitmproxy answers it with a 502.
+        status = None if flow.response is not None or _client_gone(msg) else 502
+
+        def complete(record: dict[str, Any]) -> None:
+            if feed is not None and records.analysed(
+                record
+            ):  # a stream cut short: what the server said counts
+                feed.record = record
+                self._guard(feed.finish)
+                record.setdefault("error", f"response interrupted: {msg}"[:200])
+            else:
+                self.analyzer.error(record, msg, status)
+
+        self.worker.submit(lambda: self._complete(entry, complete))
 
     def _finish(self, flow: http.HTTPFlow, record: dict[str, Any]) -> None:
         flow.metadata[META_KEY] = record
@@ -325,6 +424,7 @@ class StablePrefix:
             )
         self._write(record)
         self._notices()
+        _updated(flow)
 
     def _write(self, record: dict[str, Any]) -> None:
         if self.writer:
@@ -336,6 +436,46 @@ class StablePrefix:
     def _notices(self) -> None:
         for line in self.analyzer.pop_notices():
             logger.warning(line)
+
+
+class _Entry:
+    """A handled flow between its hooks: its record (once analysed) and the parser of a streamed answer."""
+
+    __slots__ = ("extra", "feed", "flow", "left_alone", "record", "ts")
+
+    def __init__(
+        self,
+        flow: http.HTTPFlow,
+        ts: float,
+        extra: dict[str, Any],
+        record: dict[str, Any] | None = None,
+        left_alone: bool = False,
+    ) -> None:
+        self.flow = flow
+        self.ts = ts
+        self.extra = extra
+        self.record = record
+        self.left_alone = left_alone
+        self.feed: SSEFeed | None = None
+
+
+def _decoded(raw: bytes | None, encoding: str | None) -> bytes | None:
+    """`Message.get_content(strict=False)` for a body captured at the response hook."""
+    if raw is None or not encoding:
+        return raw
+    try:
+        content = mitm_encoding.decode(raw, encoding)
+    except ValueError:
+        return raw
+    return content if isinstance(content, bytes) else raw
+
+
+def _updated(flow: http.HTTPFlow) -> None:
+    """Tell the UIs (mitmweb) that the flow changed after its hooks returned."""
+    try:
+        ctx.master.addons.trigger(hooks.UpdateHook([flow]))
+    except Exception:  # no master (unit use) or a UI addon that fails: the flow itself is complete
+        pass
 
 
 def _client_gone(message: str) -> bool:
