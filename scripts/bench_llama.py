@@ -28,8 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stableprefix.cli import process
-from tests.support import llama as ls
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the harness lives in tests/support
+
+from stableprefix.cli import process  # noqa: E402
+from tests.support import llama as ls  # noqa: E402
 
 
 def machine() -> str:
