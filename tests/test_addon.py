@@ -6,6 +6,7 @@ import gzip
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -624,3 +625,130 @@ def test_entry_script_loads_and_registers_view() -> None:
         mod = tctx.script(str(Path(addon_mod.__file__)))
         assert isinstance(mod.addons[0], mod.StablePrefix)
     assert "stableprefix" in contentviews.registry
+
+
+# --- the affinity header (issue 14) ----------------------------------------------------------------------
+
+
+def side_body(turn: int) -> dict[str, Any]:
+    """Claude Code's short title request: small system, no tools, small max_tokens (class side)."""
+    return {
+        "model": "claude-haiku-4-5",
+        "system": [{"type": "text", "text": samples.billing_line("2.1.37", "c39", samples.cch_for(turn))},
+                   {"type": "text", "text": "Give this conversation a 2-3 word title."}],
+        "messages": [{"role": "user", "content": [{"type": "text", "text": f"step {turn}"}]}],
+        "max_tokens": 32,
+    }  # fmt: skip
+
+
+def no_session(body: dict[str, Any]) -> dict[str, Any]:
+    """The body without metadata.user_id (as a translating router or another client sends it)."""
+    return {k: v for k, v in body.items() if k != "metadata"}
+
+
+def sent(a: StablePrefix, body: dict[str, Any], headers: dict[str, str] | None = None,
+         url: str = URL) -> http.HTTPFlow:  # fmt: skip
+    f = make_flow(body, url=url, headers=headers)
+    a.request(f)
+    return f
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("stableprefix_affinity_header", "x session", "stableprefix_affinity_header: 'x session' is not"),
+        ("stableprefix_affinity_header", "Authorization", "stableprefix_affinity_header: 'Authorization'"),
+        ("stableprefix_affinity_side", "sometimes", "stableprefix_affinity_side: 'sometimes' is not one of"),
+    ],
+)
+def test_bad_affinity_options_raise_naming_option_and_value(option: str, value: Any, message: str) -> None:
+    a = StablePrefix()
+    with taddons.context(a) as tctx:
+        with pytest.raises(exceptions.OptionsError) as e:
+            tctx.configure(a, **{option: value})
+        assert message in str(e.value)
+
+
+def test_affinity_header_off_by_default() -> None:
+    a = StablePrefix()
+    with taddons.context(a):
+        f = sent(a, SESSION.request(1), {"x-claude-code-session-id": "s-1"})
+        assert "x-smg-routing-key" not in f.request.headers and "x-session-id" not in f.request.headers
+        assert "affinity" not in f.metadata[META_KEY]
+
+
+def test_affinity_header_one_key_per_conversation() -> None:
+    a = StablePrefix()
+    with taddons.context(a) as tctx:
+        tctx.configure(a, stableprefix_affinity_header="x-smg-routing-key")
+        one = [sent(a, SESSION.request(t), {"x-claude-code-session-id": "session-one"}) for t in (1, 2, 3)]
+        two = sent(a, SESSION.request(1), {"x-claude-code-session-id": "session-two"})
+        keys = [f.request.headers["x-smg-routing-key"] for f in one]
+        assert len(set(keys)) == 1 and re.fullmatch(r"[0-9a-f]{16}", keys[0])
+        assert two.request.headers["x-smg-routing-key"] != keys[0]
+        assert [f.metadata[META_KEY]["affinity"] for f in one] == keys
+        assert "session-one" not in keys[0]
+        # The body is still normalised as before; the header is the only addition.
+        assert json.loads(one[0].request.content or b"")["system"] == SESSION.request(1)["system"][1:]
+
+
+def test_affinity_header_without_session_follows_the_stream() -> None:
+    a = StablePrefix()
+    other = samples.Session(task="Add a --verbose flag to the command line tool and document it.")
+    with taddons.context(a) as tctx:
+        tctx.configure(a, stableprefix_affinity_header="x-session-id")
+        a1, b1, a2, b2 = (
+            sent(a, no_session(s.request(t))) for s, t in ((SESSION, 1), (other, 1), (SESSION, 2), (other, 2))
+        )
+        key = lambda f: f.request.headers["x-session-id"]  # noqa: E731
+        assert key(a1) == key(a2) and key(b1) == key(b2) and key(a1) != key(b1)
+        assert a1.metadata[META_KEY]["stream"] == a2.metadata[META_KEY]["stream"]
+
+
+@pytest.mark.parametrize("mode", ["separate", "same", "none"])
+def test_affinity_side_modes(mode: str) -> None:
+    a = StablePrefix()
+    hdr = {"x-claude-code-session-id": "session-one"}
+    with taddons.context(a) as tctx:
+        tctx.configure(a, stableprefix_affinity_header="x-smg-routing-key", stableprefix_affinity_side=mode)
+        main = sent(a, SESSION.request(1), hdr)
+        side = sent(a, side_body(1), hdr)
+        count = sent(a, SESSION.request(2), hdr, url="http://127.0.0.1:8080/v1/messages/count_tokens")
+        assert (side.metadata[META_KEY]["class"], count.metadata[META_KEY]["class"]) == (
+            "side",
+            "count_tokens",
+        )
+        main_key = main.request.headers["x-smg-routing-key"]
+        got = [f.request.headers.get("x-smg-routing-key") for f in (side, count)]
+        if mode == "same":
+            assert got == [main_key, main_key]
+        elif mode == "none":
+            assert got == [None, None]
+        else:
+            assert None not in got and main_key not in got and got[0] != got[1]
+
+
+def test_client_affinity_header_left_alone_unless_override() -> None:
+    a = StablePrefix()
+    with taddons.context(a) as tctx:
+        tctx.configure(a, stableprefix_affinity_header="x-session-id")
+        f = sent(a, SESSION.request(1), {"X-Session-ID": "team-chose-this"})
+        assert f.request.headers.get_all("x-session-id") == ["team-chose-this"]
+        assert f.metadata[META_KEY]["affinity"] == "client"
+        tctx.configure(a, stableprefix_affinity_override=True)
+        g = sent(a, SESSION.request(1), {"X-Session-ID": "team-chose-this"})
+        (value,) = g.request.headers.get_all("x-session-id")
+        assert value != "team-chose-this" and value == g.metadata[META_KEY]["affinity"]
+
+
+def test_affinity_header_not_on_passthrough_observe_or_unreadable_bodies() -> None:
+    a = StablePrefix()
+    with taddons.context(a) as tctx:
+        tctx.configure(a, stableprefix_affinity_header="x-session-id")
+        f = sent(a, SESSION.request(1), url="https://api.anthropic.com/v1/messages")
+        bad = make_flow(b'{"model": "m", "messages": [', url=URL)
+        a.request(bad)
+        assert "x-session-id" not in f.request.headers and "x-session-id" not in bad.request.headers
+        tctx.configure(a, stableprefix_observe=True)
+        g = sent(a, SESSION.request(1))
+        assert "x-session-id" not in g.request.headers

@@ -21,6 +21,7 @@ from mitmproxy import ctx
 from mitmproxy import exceptions
 from mitmproxy import http
 
+from stableprefix.core import affinity
 from stableprefix.core import pipeline
 from stableprefix.core import rules as rulelib
 from stableprefix.core.analyzer import Analyzer
@@ -37,6 +38,7 @@ from stableprefix.mitm import contentview  # noqa: F401  (registers the "stablep
 logger = logging.getLogger("stableprefix")
 MARK = ":warning:"  # flow.marked for a client-side miss (mitmweb shows ⚠; filter ~marked)
 RULES_POLL_SECONDS = 1.0
+AFFINITY_OPTIONS = {"stableprefix_affinity_header", "stableprefix_affinity_side"}
 
 
 def build_rules(billing: str, rules_file: str | None, enable: Sequence[str], disable: Sequence[str]) -> list:
@@ -125,6 +127,7 @@ class StablePrefix:
             "Add to each record a snippet around the first difference from the previous request, with "
             "every letter and digit masked (off: records hold hashes, sizes and names only).",
         )
+        self._load_affinity_options(loader)
 
     def configure(self, updated: set[str]) -> None:
         opts = ctx.options
@@ -164,6 +167,8 @@ class StablePrefix:
                     raise exceptions.OptionsError(
                         f"stableprefix_log: cannot open {opts.stableprefix_log!r}: {e.strerror or e}"
                     ) from None
+        if updated & AFFINITY_OPTIONS:
+            self._check_affinity_options()
         if "stableprefix_log_context" in updated:
             self.analyzer.log_context = bool(opts.stableprefix_log_context)
         if "stream_large_bodies" in updated and getattr(opts, "stream_large_bodies", None):
@@ -290,7 +295,65 @@ class StablePrefix:
             flow.comment = comment(record)
         flow.metadata[META_KEY] = record
         self._pending[flow.id] = record
+        self._guard(lambda: self._set_affinity(flow, record))
         self._notices()
+
+    # --- the affinity header (issue 14) ---------------------------------------------------------------------
+
+    @staticmethod
+    def _load_affinity_options(loader: Any) -> None:
+        loader.add_option(
+            "stableprefix_affinity_header",
+            str | None,
+            None,
+            "Set this header on each analysed request to a stable per-conversation key (a short hash of the "
+            "session id, else of the conversation stream), for a router in front of several replicas: "
+            "x-smg-routing-key (sglang-router --policy manual), x-session-id (vllm-router --policy "
+            "consistent_hash). Off by default.",
+        )
+        loader.add_option(
+            "stableprefix_affinity_side",
+            str,
+            "separate",
+            "The affinity key of side and count_tokens requests: separate (a key of their own, so they do "
+            "not evict the conversation's slot), same (the conversation's key), none (no header).",
+            choices=affinity.SIDE_MODES,
+        )
+        loader.add_option(
+            "stableprefix_affinity_override",
+            bool,
+            False,
+            "Replace the affinity header when the client already sent one (default: leave it).",
+        )
+
+    @staticmethod
+    def _check_affinity_options() -> None:
+        opts = ctx.options
+        name = opts.stableprefix_affinity_header
+        if name is not None and (why := affinity.header_problem(name)):
+            raise exceptions.OptionsError(f"stableprefix_affinity_header: {name!r} {why}")
+        if opts.stableprefix_affinity_side not in affinity.SIDE_MODES:
+            raise exceptions.OptionsError(
+                f"stableprefix_affinity_side: {opts.stableprefix_affinity_side!r} is not one of "
+                f"{', '.join(affinity.SIDE_MODES)}"
+            )
+
+    def _set_affinity(self, flow: http.HTTPFlow, record: dict[str, Any]) -> None:
+        """Set the affinity header from the analysed record (not on passthrough hosts, not in observe
+        mode, not over a value the client sent unless stableprefix_affinity_override); the record notes it."""
+        opts = ctx.options
+        name = opts.stableprefix_affinity_header
+        if not name or record.get("passthrough") or self.settings.observe:
+            return
+        headers = flow.request.headers
+        if name in headers and not opts.stableprefix_affinity_override:
+            record["affinity"] = "client"
+            return
+        value = affinity.affinity_value(record, opts.stableprefix_affinity_side)
+        if value is None:
+            return
+        headers[name] = value
+        record["affinity"] = value
 
     def _left_alone(self, flow: http.HTTPFlow, reason: str, extra: dict[str, Any]) -> None:
         """A handled request the addon could not read: one warning, and a record saying why."""
