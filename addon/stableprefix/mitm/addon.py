@@ -34,6 +34,7 @@ from stableprefix.core.record import comment
 from stableprefix.core.record import log_line
 from stableprefix.core.record import summary_lines
 from stableprefix.mitm import contentview  # noqa: F401  (registers the "stableprefix" content view)
+from stableprefix.mitm.access import ClientAllowlist
 
 logger = logging.getLogger("stableprefix")
 MARK = ":warning:"  # flow.marked for a client-side miss (mitmweb shows ⚠; filter ~marked)
@@ -445,4 +446,4 @@ def _client_gone(message: str) -> bool:
     return message.lower().startswith(("client disconnected", "killed"))
 
 
-addons = [StablePrefix()]
+addons = [StablePrefix(), ClientAllowlist()]
