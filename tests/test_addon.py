@@ -22,6 +22,7 @@ from stableprefix.core.record import BEFORE_KEY
 from stableprefix.core.record import META_KEY
 from stableprefix.demo import samples
 from stableprefix.mitm import addon as addon_mod
+from stableprefix.mitm.access import ClientAllowlist
 from stableprefix.mitm.addon import StablePrefix
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -752,3 +753,57 @@ def test_affinity_header_not_on_passthrough_observe_or_unreadable_bodies() -> No
         tctx.configure(a, stableprefix_observe=True)
         g = sent(a, SESSION.request(1))
         assert "x-session-id" not in g.request.headers
+
+
+# --- the client allowlist (issue 14) ---------------------------------------------------------------------
+
+
+def from_peer(flow: http.HTTPFlow, ip: str) -> http.HTTPFlow:
+    flow.client_conn.peername = (ip, 40000)
+    return flow
+
+
+def test_allow_clients_option_must_hold_networks() -> None:
+    a = ClientAllowlist()
+    with taddons.context(a) as tctx:
+        with pytest.raises(exceptions.OptionsError, match="stableprefix_allow_clients: '10.0.0.0/33' is not"):
+            tctx.configure(a, stableprefix_allow_clients=["10.0.0.0/33"])
+
+
+def test_allow_clients_answers_403_outside_the_networks(caplog: pytest.LogCaptureFixture) -> None:
+    a = ClientAllowlist()
+    with taddons.context(a) as tctx:
+        f = from_peer(make_flow(SESSION.request(1)), "10.9.0.1")
+        a.requestheaders(f)
+        assert f.response is None  # off by default
+        tctx.configure(a, stableprefix_allow_clients=["10.1.0.0/16", "192.168.5.0/24"])
+        inside = from_peer(make_flow(SESSION.request(1)), "192.168.5.40")
+        a.requestheaders(inside)
+        assert inside.response is None
+        for _ in range(2):
+            outside = from_peer(make_flow(SESSION.request(1)), "10.9.0.1")
+            a.requestheaders(outside)
+            assert outside.response is not None and outside.response.status_code == 403
+        connect = from_peer(
+            tflow.tflow(req=http.Request.make("CONNECT", "http://example.com:443/")), "8.8.8.8"
+        )
+        a.http_connect(connect)
+        assert connect.response is not None and connect.response.status_code == 403
+    assert warnings(caplog) == [
+        "stableprefix: refused client 10.9.0.1: not in stableprefix_allow_clients",
+        "stableprefix: refused client 8.8.8.8: not in stableprefix_allow_clients",
+    ]
+
+
+def test_allow_clients_keeps_a_proxyauth_answer() -> None:
+    a = ClientAllowlist()
+    with taddons.context(a) as tctx:
+        tctx.configure(a, stableprefix_allow_clients=["10.1.0.0/16"])
+        f = from_peer(make_flow(SESSION.request(1)), "8.8.8.8")
+        answer(f, b"auth required", status=407)
+        a.requestheaders(f)
+        assert f.response is not None and f.response.status_code == 407
+
+
+def test_entry_script_registers_the_allowlist() -> None:
+    assert [type(x).__name__ for x in addon_mod.addons] == ["StablePrefix", "ClientAllowlist"]
