@@ -44,11 +44,16 @@ Start mitmproxy with the stableprefix addon loaded and print what to paste into 
 --proxy         regular mode: an HTTP(S) proxy for HTTPS_PROXY. The mitmproxy CA is created in the confdir
                 first if needed, and its path is printed for NODE_EXTRA_CA_CERTS.
 
+A --listen-host beyond this machine (0.0.0.0, a LAN address) needs access control: --allow-clients CIDR[,CIDR]
+and/or --proxyauth USER:PASS (passed through to mitmdump); regular mode there always needs --proxyauth.
+--force-open skips the check in reverse mode. See docs/team.md for a team gateway in front of a router.
+
 mitmdump runs in the foreground; Ctrl-C (or SIGTERM) stops it. Arguments this command does not know, and
 everything after '--', go to mitmdump/mitmweb unchanged, e.g. --set stableprefix_enable=date,
 --set stableprefix_observe=true, -w flows.mitm, --set ssl_verify_upstream_trusted_ca=ca.pem.
 Addon options: stableprefix_billing=drop|pin|off, stableprefix_passthrough, stableprefix_observe,
-stableprefix_log, stableprefix_rules, stableprefix_enable, stableprefix_disable (see README).
+stableprefix_log, stableprefix_rules, stableprefix_enable, stableprefix_disable (see README);
+stableprefix_affinity_header, stableprefix_affinity_side, stableprefix_affinity_override (docs/team.md).
 Note: ~/.mitmproxy/config.yaml overrides --set; a --set value an addon option cannot parse makes mitmproxy
 skip the addon silently: this command warns when the addon does not report itself active.
 """
@@ -113,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser(
         "run",
         usage="stableprefix run (--upstream URL | --proxy) [--port PORT] [--listen-host HOST] [--web]\n"
+        "                        [--allow-clients CIDR[,CIDR]] [--force-open]\n"
         "                        [--log FILE] [--confdir DIR] [MITMPROXY ARG ...] [-- MITMPROXY ARG ...]",
         help="start mitmdump/mitmweb with the addon (reverse proxy or HTTPS_PROXY) and print the settings",
         description=RUN_DESCRIPTION,
