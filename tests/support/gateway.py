@@ -86,21 +86,28 @@ class Router:
                 raise RuntimeError(
                     f"{kind}-router exited with {self.proc.returncode}:\n{self.output()[-3000:]}"
                 )
-            try:
-                if ls.request(self.port, "GET", "/health", timeout=5)[0] == 200:
-                    break
-            except OSError:
-                pass
+            if self.healthy_workers() == len(workers):  # /health answers 200 before the workers register
+                break
             if time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(
-                    f"{kind}-router not healthy after {timeout:.0f} s:\n{self.output()[-3000:]}"
+                    f"{kind}-router did not register {len(workers)} healthy workers in {timeout:.0f} s:\n"
+                    f"{self.output()[-3000:]}"
                 )
             time.sleep(0.1)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def healthy_workers(self) -> int:
+        """Workers the router lists as healthy (GET /workers, both routers); 0 while it is not up."""
+        try:
+            status, data = ls.request(self.port, "GET", "/workers", timeout=5)
+            workers = json.loads(data).get("workers", []) if status == 200 else []
+        except (OSError, ValueError, AttributeError):
+            return 0
+        return sum(1 for w in workers if isinstance(w, dict) and w.get("is_healthy") is True)
 
     def output(self) -> str:
         try:
