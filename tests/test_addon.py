@@ -7,6 +7,7 @@ import gzip
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from stableprefix.core.record import BEFORE_KEY
 from stableprefix.core.record import META_KEY
 from stableprefix.demo import samples
 from stableprefix.mitm import addon as addon_mod
+from stableprefix.mitm.access import ClientAllowlist
 from stableprefix.mitm.addon import StablePrefix
 from tests.support.helpers import read_records as records
 
@@ -758,3 +760,185 @@ async def test_a_left_alone_flow_gets_its_record_on_the_loop(tmp_path: Path) -> 
             await asyncio.sleep(0.01)
     (r,) = records(log)
     assert r["status"] == 200 and "streamed" in r["error"]
+
+
+# --- the affinity header (issue 14) ----------------------------------------------------------------------
+
+
+def side_body(turn: int) -> dict[str, Any]:
+    """Claude Code's short title request: small system, no tools, small max_tokens (class side)."""
+    return {
+        "model": "claude-haiku-4-5",
+        "system": [{"type": "text", "text": samples.billing_line("2.1.37", "c39", samples.cch_for(turn))},
+                   {"type": "text", "text": "Give this conversation a 2-3 word title."}],
+        "messages": [{"role": "user", "content": [{"type": "text", "text": f"step {turn}"}]}],
+        "max_tokens": 32,
+    }  # fmt: skip
+
+
+def no_session(body: dict[str, Any]) -> dict[str, Any]:
+    """The body without metadata.user_id (as a translating router or another client sends it)."""
+    return {k: v for k, v in body.items() if k != "metadata"}
+
+
+def sent(a: StablePrefix, body: dict[str, Any], headers: dict[str, str] | None = None,
+         url: str = URL) -> http.HTTPFlow:  # fmt: skip
+    f = make_flow(body, url=url, headers=headers)
+    a.request(f)
+    a.drain()  # the record is completed off the forwarding path
+    return f
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("stableprefix_affinity_header", "x session", "stableprefix_affinity_header: 'x session' is not"),
+        ("stableprefix_affinity_header", "Authorization", "stableprefix_affinity_header: 'Authorization'"),
+        ("stableprefix_affinity_side", "sometimes", "stableprefix_affinity_side: 'sometimes' is not one of"),
+    ],
+)
+def test_bad_affinity_options_raise_naming_option_and_value(option: str, value: Any, message: str) -> None:
+    a = StablePrefix()
+    with taddons.context(a) as tctx:
+        with pytest.raises(exceptions.OptionsError) as e:
+            tctx.configure(a, **{option: value})
+        assert message in str(e.value)
+
+
+def test_affinity_header_off_by_default() -> None:
+    a = StablePrefix()
+    with taddons.context(a):
+        f = sent(a, SESSION.request(1), {"x-claude-code-session-id": "s-1"})
+        assert "x-smg-routing-key" not in f.request.headers and "x-session-id" not in f.request.headers
+        assert "affinity" not in f.metadata[META_KEY]
+
+
+def test_affinity_header_one_key_per_conversation() -> None:
+    a = StablePrefix()
+    with taddons.context(a) as tctx:
+        tctx.configure(a, stableprefix_affinity_header="x-smg-routing-key")
+        one = [sent(a, SESSION.request(t), {"x-claude-code-session-id": "session-one"}) for t in (1, 2, 3)]
+        two = sent(a, SESSION.request(1), {"x-claude-code-session-id": "session-two"})
+        keys = [f.request.headers["x-smg-routing-key"] for f in one]
+        assert len(set(keys)) == 1 and re.fullmatch(r"[0-9a-f]{16}", keys[0])
+        assert two.request.headers["x-smg-routing-key"] != keys[0]
+        assert [f.metadata[META_KEY]["affinity"] for f in one] == keys
+        assert "session-one" not in keys[0]
+        # The body is still normalised as before; the header is the only addition.
+        assert json.loads(one[0].request.content or b"")["system"] == SESSION.request(1)["system"][1:]
+
+
+def test_affinity_header_without_session_follows_the_stream() -> None:
+    a = StablePrefix()
+    other = samples.Session(task="Add a --verbose flag to the command line tool and document it.")
+    with taddons.context(a) as tctx:
+        tctx.configure(a, stableprefix_affinity_header="x-session-id")
+        a1, b1, a2, b2 = (
+            sent(a, no_session(s.request(t))) for s, t in ((SESSION, 1), (other, 1), (SESSION, 2), (other, 2))
+        )
+        key = lambda f: f.request.headers["x-session-id"]  # noqa: E731
+        assert key(a1) == key(a2) and key(b1) == key(b2) and key(a1) != key(b1)
+        assert a1.metadata[META_KEY]["stream"] == a2.metadata[META_KEY]["stream"]
+
+
+@pytest.mark.parametrize("mode", ["separate", "same", "none"])
+def test_affinity_side_modes(mode: str) -> None:
+    a = StablePrefix()
+    hdr = {"x-claude-code-session-id": "session-one"}
+    with taddons.context(a) as tctx:
+        tctx.configure(a, stableprefix_affinity_header="x-smg-routing-key", stableprefix_affinity_side=mode)
+        main = sent(a, SESSION.request(1), hdr)
+        side = sent(a, side_body(1), hdr)
+        count = sent(a, SESSION.request(2), hdr, url="http://127.0.0.1:8080/v1/messages/count_tokens")
+        assert (side.metadata[META_KEY]["class"], count.metadata[META_KEY]["class"]) == (
+            "side",
+            "count_tokens",
+        )
+        main_key = main.request.headers["x-smg-routing-key"]
+        got = [f.request.headers.get("x-smg-routing-key") for f in (side, count)]
+        if mode == "same":
+            assert got == [main_key, main_key]
+        elif mode == "none":
+            assert got == [None, None]
+        else:
+            assert None not in got and main_key not in got and got[0] != got[1]
+
+
+def test_client_affinity_header_left_alone_unless_override() -> None:
+    a = StablePrefix()
+    with taddons.context(a) as tctx:
+        tctx.configure(a, stableprefix_affinity_header="x-session-id")
+        f = sent(a, SESSION.request(1), {"X-Session-ID": "team-chose-this"})
+        assert f.request.headers.get_all("x-session-id") == ["team-chose-this"]
+        assert f.metadata[META_KEY]["affinity"] == "client"
+        tctx.configure(a, stableprefix_affinity_override=True)
+        g = sent(a, SESSION.request(1), {"X-Session-ID": "team-chose-this"})
+        (value,) = g.request.headers.get_all("x-session-id")
+        assert value != "team-chose-this" and value == g.metadata[META_KEY]["affinity"]
+
+
+def test_affinity_header_not_on_passthrough_observe_or_unreadable_bodies() -> None:
+    a = StablePrefix()
+    with taddons.context(a) as tctx:
+        tctx.configure(a, stableprefix_affinity_header="x-session-id")
+        f = sent(a, SESSION.request(1), url="https://api.anthropic.com/v1/messages")
+        bad = make_flow(b'{"model": "m", "messages": [', url=URL)
+        a.request(bad)
+        assert "x-session-id" not in f.request.headers and "x-session-id" not in bad.request.headers
+        tctx.configure(a, stableprefix_observe=True)
+        g = sent(a, SESSION.request(1))
+        assert "x-session-id" not in g.request.headers
+
+
+# --- the client allowlist (issue 14) ---------------------------------------------------------------------
+
+
+def from_peer(flow: http.HTTPFlow, ip: str) -> http.HTTPFlow:
+    flow.client_conn.peername = (ip, 40000)
+    return flow
+
+
+def test_allow_clients_option_must_hold_networks() -> None:
+    a = ClientAllowlist()
+    with taddons.context(a) as tctx:
+        with pytest.raises(exceptions.OptionsError, match="stableprefix_allow_clients: '10.0.0.0/33' is not"):
+            tctx.configure(a, stableprefix_allow_clients=["10.0.0.0/33"])
+
+
+def test_allow_clients_answers_403_outside_the_networks(caplog: pytest.LogCaptureFixture) -> None:
+    a = ClientAllowlist()
+    with taddons.context(a) as tctx:
+        f = from_peer(make_flow(SESSION.request(1)), "10.9.0.1")
+        a.requestheaders(f)
+        assert f.response is None  # off by default
+        tctx.configure(a, stableprefix_allow_clients=["10.1.0.0/16", "192.168.5.0/24"])
+        inside = from_peer(make_flow(SESSION.request(1)), "192.168.5.40")
+        a.requestheaders(inside)
+        assert inside.response is None
+        for _ in range(2):
+            outside = from_peer(make_flow(SESSION.request(1)), "10.9.0.1")
+            a.requestheaders(outside)
+            assert outside.response is not None and outside.response.status_code == 403
+        connect = from_peer(
+            tflow.tflow(req=http.Request.make("CONNECT", "http://example.com:443/")), "8.8.8.8"
+        )
+        a.http_connect(connect)
+        assert connect.response is not None and connect.response.status_code == 403
+    assert warnings(caplog) == [
+        "stableprefix: refused client 10.9.0.1: not in stableprefix_allow_clients",
+        "stableprefix: refused client 8.8.8.8: not in stableprefix_allow_clients",
+    ]
+
+
+def test_allow_clients_keeps_a_proxyauth_answer() -> None:
+    a = ClientAllowlist()
+    with taddons.context(a) as tctx:
+        tctx.configure(a, stableprefix_allow_clients=["10.1.0.0/16"])
+        f = from_peer(make_flow(SESSION.request(1)), "8.8.8.8")
+        answer(f, b"auth required", status=407)
+        a.requestheaders(f)
+        assert f.response is not None and f.response.status_code == 407
+
+
+def test_entry_script_registers_the_allowlist() -> None:
+    assert [type(x).__name__ for x in addon_mod.addons] == ["StablePrefix", "ClientAllowlist"]

@@ -48,7 +48,7 @@ def test_plan_reverse_mode(tmp_path: Path) -> None:
 
 def test_plan_web_and_listen_host(tmp_path: Path) -> None:
     ns, extra = parse("run", "--upstream", "https://gpu-box:8443", "--web", "--listen-host", "0.0.0.0",
-                      "--port", "9000", "--confdir", str(tmp_path))  # fmt: skip
+                      "--port", "9000", "--confdir", str(tmp_path), "--force-open")  # fmt: skip
     cmd, instructions = cli.plan(ns, extra)
     assert cmd[0] == process.executable("mitmweb")
     assert cmd[1:5] == ["--listen-host", "0.0.0.0", "--listen-port", "9000"]
@@ -153,3 +153,92 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
         cli.main(["--version"])
     assert e.value.code == 0
     assert capsys.readouterr().out.startswith("stableprefix ")
+
+
+# --- safe to open (issue 14) -----------------------------------------------------------------------------
+
+
+def refused(*argv: str) -> str:
+    ns, extra = parse(*argv)
+    with pytest.raises(cli.UsageError) as e:
+        cli.plan(ns, extra)
+    return str(e.value)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.20", "10.0.0.5", "gpu-box.lan", ""])
+def test_open_reverse_listener_needs_access_control(host: str, tmp_path: Path) -> None:
+    msg = refused(
+        "run", "--upstream", "http://127.0.0.1:8080", "--listen-host", host, "--confdir", str(tmp_path)
+    )
+    assert f"--listen-host {host} opens stableprefix beyond this machine" in msg
+    assert "--allow-clients" in msg and "--proxyauth" in msg and "--force-open" in msg
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost"])
+def test_loopback_listener_needs_nothing(host: str, tmp_path: Path) -> None:
+    ns, extra = parse("run", "--upstream", "http://127.0.0.1:8080", "--listen-host", host,
+                      "--confdir", str(tmp_path))  # fmt: skip
+    cmd, _ = cli.plan(ns, extra)
+    assert not any(a.startswith("stableprefix_allow_clients") for a in cmd)
+
+
+@pytest.mark.parametrize(
+    "control",
+    [
+        ("--proxyauth", "alice:secret"),
+        ("--proxyauth=@/etc/stableprefix.htpasswd",),
+        ("--set", "proxyauth=alice:secret"),
+        ("--", "--set", "proxyauth=alice:secret"),
+        ("--allow-clients", "10.1.0.0/16"),
+        ("--force-open",),
+    ],
+)
+def test_open_reverse_listener_with_access_control(control: tuple[str, ...], tmp_path: Path) -> None:
+    ns, extra = parse("run", "--upstream", "http://127.0.0.1:8080", "--listen-host", "0.0.0.0",
+                      "--confdir", str(tmp_path), *control)  # fmt: skip
+    cmd, _ = cli.plan(ns, extra)
+    assert cmd[1:3] == ["--listen-host", "0.0.0.0"]
+    if "--allow-clients" in control:
+        i = cmd.index("stableprefix_allow_clients=10.1.0.0/16")
+        assert cmd[i - 1] == "--set"
+    else:
+        for arg in control:
+            if arg not in ("--", "--force-open"):
+                assert arg in cmd  # passed through to mitmdump unchanged
+
+
+def test_proxyauth_any_is_no_access_control(tmp_path: Path) -> None:
+    msg = refused("run", "--upstream", "http://127.0.0.1:8080", "--listen-host", "0.0.0.0",
+                  "--confdir", str(tmp_path), "--set", "proxyauth=any")  # fmt: skip
+    assert "add access control" in msg
+
+
+@pytest.mark.parametrize(
+    "control",
+    [(), ("--force-open",), ("--allow-clients", "10.0.0.0/8"), ("--proxyauth", "any"),
+     ("--allow-clients", "10.0.0.0/8", "--force-open")],
+)  # fmt: skip
+def test_open_regular_mode_needs_proxyauth_always(control: tuple[str, ...], tmp_path: Path) -> None:
+    msg = refused("run", "--proxy", "--listen-host", "0.0.0.0", "--confdir", str(tmp_path), *control)
+    assert "regular (HTTPS_PROXY) mode there needs --proxyauth" in msg and "open proxy" in msg
+
+
+def test_open_regular_mode_with_proxyauth(tmp_path: Path) -> None:
+    ns, extra = parse("run", "--proxy", "--listen-host", "0.0.0.0", "--confdir", str(tmp_path),
+                      "--proxyauth", "alice:secret", "--allow-clients", "10.0.0.0/8,192.168.0.0/16")  # fmt: skip
+    cmd, _ = cli.plan(ns, extra)
+    assert "--proxyauth" in cmd and "stableprefix_allow_clients=10.0.0.0/8,192.168.0.0/16" in cmd
+
+
+@pytest.mark.parametrize("bad", ["10.0.0.0/33", "ten", "10.0.0.0/8,", "gpu-box"])
+def test_allow_clients_must_be_networks(bad: str, tmp_path: Path) -> None:
+    msg = refused(
+        "run", "--upstream", "http://127.0.0.1:8080", "--allow-clients", bad, "--confdir", str(tmp_path)
+    )
+    assert msg.startswith("--allow-clients: ") and "is not an IP network" in msg
+
+
+def test_run_refusal_is_one_line_and_status_2(capsys: pytest.CaptureFixture[str]) -> None:
+    code = cli.main(["run", "--upstream", "http://127.0.0.1:8080", "--listen-host", "0.0.0.0"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "opens stableprefix beyond this machine" in err

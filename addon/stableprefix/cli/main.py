@@ -43,11 +43,16 @@ Start mitmproxy with the stableprefix addon loaded and print what to paste into 
 --proxy         regular mode: an HTTP(S) proxy for HTTPS_PROXY. The mitmproxy CA is created in the confdir
                 first if needed, and its path is printed for NODE_EXTRA_CA_CERTS.
 
+A --listen-host beyond this machine (0.0.0.0, a LAN address) needs access control: --allow-clients CIDR[,CIDR]
+and/or --proxyauth USER:PASS (passed through to mitmdump); regular mode there always needs --proxyauth.
+--force-open skips the check in reverse mode. See docs/team.md for a team gateway in front of a router.
+
 mitmdump runs in the foreground; Ctrl-C (or SIGTERM) stops it. Arguments this command does not know, and
 everything after '--', go to mitmdump/mitmweb unchanged, e.g. --set stableprefix_enable=date,
 --set stableprefix_observe=true, -w flows.mitm, --set ssl_verify_upstream_trusted_ca=ca.pem.
 Addon options: stableprefix_billing=drop|pin|off, stableprefix_passthrough, stableprefix_observe,
-stableprefix_log, stableprefix_rules, stableprefix_enable, stableprefix_disable (see README).
+stableprefix_log, stableprefix_rules, stableprefix_enable, stableprefix_disable (see README);
+stableprefix_affinity_header, stableprefix_affinity_side, stableprefix_affinity_override (docs/team.md).
 Note: ~/.mitmproxy/config.yaml overrides --set; a --set value an addon option cannot parse makes mitmproxy
 skip the addon silently: this command warns when the addon does not report itself active.
 """
@@ -128,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         RUN_DESCRIPTION,
         RUN_EPILOG,
         usage="stableprefix run (--upstream URL | --proxy) [--port PORT] [--listen-host HOST] [--web]\n"
+        "                        [--allow-clients CIDR[,CIDR]] [--force-open]\n"
         "                        [--log FILE] [--confdir DIR] [MITMPROXY ARG ...] [-- MITMPROXY ARG ...]",
     )
     mode = run.add_mutually_exclusive_group(required=True)
@@ -146,6 +152,18 @@ def build_parser() -> argparse.ArgumentParser:
         default="127.0.0.1",
         metavar="HOST",
         help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)",
+    )
+    run.add_argument(
+        "--allow-clients",
+        metavar="CIDR[,CIDR]",
+        help="answer 403 to clients outside these networks (e.g. 10.1.0.0/16,192.168.5.0/24); with a "
+        "--listen-host beyond loopback, this or --proxyauth is required",
+    )
+    run.add_argument(
+        "--force-open",
+        action="store_true",
+        help="listen beyond loopback in reverse mode without --proxyauth or --allow-clients (anyone who "
+        "reaches the port may use your model server)",
     )
     run.add_argument("--web", action="store_true", help="run mitmweb (browser UI) instead of mitmdump")
     run.add_argument(
@@ -360,7 +378,7 @@ def plan(args: argparse.Namespace, extra: list[str]) -> tuple[list[str], Any]:
         except (OSError, ValueError) as e:
             why = getattr(e, "strerror", None) or e
             raise UsageError(f"cannot create or read mitmproxy's CA in {confdir}: {why}") from None
-    opts: list[str] = []
+    opts: list[str] = access_options(args, extra)
     if args.log:
         opts += ["--set", f"stableprefix_log={Path(args.log).expanduser()}"]
     try:
@@ -381,6 +399,56 @@ def plan(args: argparse.Namespace, extra: list[str]) -> tuple[list[str], Any]:
         return proxy_instructions(url, ca) if ca is not None else reverse_instructions(url, args.upstream)
 
     return cmd, instructions
+
+
+def proxyauth_from(extra: list[str]) -> str | None:
+    """The proxyauth value passed through to mitmproxy (--proxyauth X, --set proxyauth=X), if any."""
+    found: str | None = None
+    for i, a in enumerate(extra):
+        nxt = extra[i + 1] if i + 1 < len(extra) else ""
+        if a == "--proxyauth" and nxt:
+            found = nxt
+        elif a.startswith("--proxyauth="):
+            found = a.split("=", 1)[1]
+        elif a == "--set" and nxt.startswith("proxyauth="):
+            found = nxt.split("=", 1)[1]
+        elif a.startswith("--set=proxyauth="):
+            found = a.split("=", 2)[2]
+    return found or None
+
+
+def access_options(args: argparse.Namespace, extra: list[str]) -> list[str]:
+    """The mitmproxy options for --allow-clients; refuses (UsageError) a listener beyond loopback without
+    access control: regular mode there always needs proxyauth (else an open proxy to any host), reverse mode
+    needs proxyauth or --allow-clients unless --force-open."""
+    from stableprefix.core import access
+
+    opts: list[str] = []
+    allow = getattr(args, "allow_clients", None)
+    if allow is not None:
+        try:
+            networks = access.parse_networks([allow])
+        except ValueError as e:
+            raise UsageError(f"--allow-clients: {e}") from None
+        if not networks:
+            raise UsageError("--allow-clients: no network given")
+        opts += ["--set", f"stableprefix_allow_clients={','.join(str(n) for n in networks)}"]
+    if access.is_loopback_host(args.listen_host):
+        return opts
+    auth = proxyauth_from(extra)
+    authed = auth is not None and auth != "any"  # "any" accepts every user/password: no control
+    where = f"--listen-host {args.listen_host} opens stableprefix beyond this machine"
+    if args.proxy and not authed:
+        raise UsageError(
+            f"{where}: regular (HTTPS_PROXY) mode there needs --proxyauth USER:PASS (or @htpasswd-file); "
+            "without it anyone reaching the port has an open proxy to any host (--force-open does not apply)"
+        )
+    if not authed and allow is None and not getattr(args, "force_open", False):
+        raise UsageError(
+            f"{where}: add access control, --allow-clients CIDR[,CIDR] (e.g. your team's subnet) and/or "
+            "--proxyauth USER:PASS (or @htpasswd-file), or say --force-open to serve anyone who reaches it"
+        )
+    return opts
 
 
 def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:

@@ -56,6 +56,7 @@ Record = TypedDict(
         "reusable_tokens_est": int,
         "interleaved_side": int,
         "context": str,
+        "affinity": str,
         "status": int | None,
         "cached_tokens": int | None,
         "prompt_tokens": int | None,

@@ -26,6 +26,7 @@ from mitmproxy import hooks
 from mitmproxy import http
 from mitmproxy.net import encoding as mitm_encoding
 
+from stableprefix.core import affinity
 from stableprefix.core import pipeline
 from stableprefix.core import record as records
 from stableprefix.core import rules as rulelib
@@ -39,12 +40,14 @@ from stableprefix.core.record import log_line
 from stableprefix.core.record import summary_lines
 from stableprefix.mitm import contentview  # noqa: F401  (registers the "stableprefix" content view)
 from stableprefix.mitm import options
+from stableprefix.mitm.access import ClientAllowlist
 from stableprefix.mitm.jsonl import JsonlWriter
 from stableprefix.mitm.worker import Worker
 
 logger = logging.getLogger("stableprefix")
 MARK = ":warning:"  # flow.marked for a client-side miss (mitmweb shows ⚠; filter ~marked)
 RULES_POLL_SECONDS = 1.0
+AFFINITY_OPTIONS = {"stableprefix_affinity_header", "stableprefix_affinity_side"}
 
 
 class StablePrefix:
@@ -118,6 +121,7 @@ class StablePrefix:
             "Add to each record a snippet around the first difference from the previous request, with "
             "every letter and digit masked (off: records hold hashes, sizes and names only).",
         )
+        self._load_affinity_options(loader)
 
     def configure(self, updated: set[str]) -> None:
         opts = ctx.options
@@ -130,6 +134,8 @@ class StablePrefix:
             self._rules_broken = None
         if "stableprefix_log" in updated:
             self._open_log(opts.stableprefix_log)
+        if updated & AFFINITY_OPTIONS:
+            self._check_affinity_options()
         if "stableprefix_log_context" in updated:
             self.analyzer.log_context = bool(opts.stableprefix_log_context)
         if "stream_large_bodies" in updated and getattr(opts, "stream_large_bodies", None):
@@ -258,12 +264,19 @@ class StablePrefix:
             req.content = fwd.forward  # re-encodes Content-Encoding, fixes Content-Length
         entry = _Entry(flow, round(time.time(), 3), extra)
         self._entries[flow.id] = entry
+        hold = bool(ctx.options.stableprefix_affinity_header) and self._loop is not None
+        if hold:  # the key depends on the stream the analysis finds: this flow waits for it
+            entry.held = asyncio.Event()
         self.worker.submit(lambda: self._analyse(entry, fwd), len(raw))
+        if ctx.options.stableprefix_affinity_header and self._loop is None:
+            self.drain()  # no event loop (tests): deliver the analysis, and the header, before returning
+        waits: list[Awaitable[Any]] = [entry.held.wait()] if entry.held is not None else []
         if self.worker.over_budget():
-            if self._loop is not None:
-                return self.worker.room()
-            self.worker.room_sync()
-        return None
+            if self._loop is None:
+                self.worker.room_sync()
+            else:
+                waits.append(self.worker.room())
+        return _all(waits) if waits else None
 
     # --- off the forwarding path (the worker thread) ---------------------------------------------------
 
@@ -276,6 +289,8 @@ class StablePrefix:
         except Exception as e:  # fail open: the request went on; no record, one warning
             msg = f"stableprefix: internal error ({type(e).__name__}: {e}); traffic passes unchanged"
             self._post(lambda: logger.warning(msg))
+            if entry.held is not None:  # a flow waiting for its affinity key goes on without one
+                self._post(entry.held.set)
             return
         entry.record = record
         self._post(lambda: self._analysed(entry, record, result.warning, before))
@@ -292,6 +307,7 @@ class StablePrefix:
                 flow.metadata[BEFORE_KEY] = before
             flow.comment = comment(record)
         flow.metadata[META_KEY] = record
+        self._guard(lambda: self._set_affinity(entry, record))
         self._notices()
         _updated(flow)
 
@@ -335,6 +351,71 @@ class StablePrefix:
         return done
 
     # --- the other flow hooks ----------------------------------------------------------------------------
+
+    # --- the affinity header (issue 14) ---------------------------------------------------------------------
+
+    @staticmethod
+    def _load_affinity_options(loader: Any) -> None:
+        loader.add_option(
+            "stableprefix_affinity_header",
+            str | None,
+            None,
+            "Set this header on each analysed request to a stable per-conversation key (a short hash of the "
+            "session id, else of the conversation stream), for a router in front of several replicas: "
+            "x-smg-routing-key (sglang-router --policy manual), x-session-id (vllm-router --policy "
+            "consistent_hash). Off by default.",
+        )
+        loader.add_option(
+            "stableprefix_affinity_side",
+            str,
+            "separate",
+            "The affinity key of side and count_tokens requests: separate (a key of their own, so they do "
+            "not evict the conversation's slot), same (the conversation's key), none (no header).",
+            choices=affinity.SIDE_MODES,
+        )
+        loader.add_option(
+            "stableprefix_affinity_override",
+            bool,
+            False,
+            "Replace the affinity header when the client already sent one (default: leave it).",
+        )
+
+    @staticmethod
+    def _check_affinity_options() -> None:
+        opts = ctx.options
+        name = opts.stableprefix_affinity_header
+        if name is not None and (why := affinity.header_problem(name)):
+            raise exceptions.OptionsError(f"stableprefix_affinity_header: {name!r} {why}")
+        if opts.stableprefix_affinity_side not in affinity.SIDE_MODES:
+            raise exceptions.OptionsError(
+                f"stableprefix_affinity_side: {opts.stableprefix_affinity_side!r} is not one of "
+                f"{', '.join(affinity.SIDE_MODES)}"
+            )
+
+    def _set_affinity(self, entry: _Entry, record: dict[str, Any]) -> None:
+        """Set the affinity header from the analysed record on a flow still held for it (not on passthrough
+        hosts, not in observe mode, not over a value the client sent unless stableprefix_affinity_override);
+        the record notes it. Releases the flow."""
+        try:
+            self._affinity_header(entry.flow, record)
+        finally:
+            if entry.held is not None:
+                entry.held.set()
+
+    def _affinity_header(self, flow: http.HTTPFlow, record: dict[str, Any]) -> None:
+        opts = ctx.options
+        name = opts.stableprefix_affinity_header
+        if not name or record.get("passthrough") or self.settings.observe or not flow.live:
+            return
+        headers = flow.request.headers
+        if name in headers and not opts.stableprefix_affinity_override:
+            record["affinity"] = "client"
+            return
+        value = affinity.affinity_value(record, opts.stableprefix_affinity_side)
+        if value is None:
+            return
+        headers[name] = value
+        record["affinity"] = value
 
     def _left_alone(self, flow: http.HTTPFlow, reason: str, extra: dict[str, Any]) -> None:
         """A handled request the addon could not read: one warning, and a record saying why."""
@@ -441,7 +522,7 @@ class StablePrefix:
 class _Entry:
     """A handled flow between its hooks: its record (once analysed) and the parser of a streamed answer."""
 
-    __slots__ = ("extra", "feed", "flow", "left_alone", "record", "ts")
+    __slots__ = ("extra", "feed", "flow", "held", "left_alone", "record", "ts")
 
     def __init__(
         self,
@@ -457,6 +538,7 @@ class _Entry:
         self.record = record
         self.left_alone = left_alone
         self.feed: SSEFeed | None = None
+        self.held: asyncio.Event | None = None  # set once the affinity header is decided (flow waits)
 
 
 def _decoded(raw: bytes | None, encoding: str | None) -> bytes | None:
@@ -483,4 +565,9 @@ def _client_gone(message: str) -> bool:
     return message.lower().startswith(("client disconnected", "killed"))
 
 
-addons = [StablePrefix()]
+async def _all(waits: list[Awaitable[Any]]) -> None:
+    for w in waits:
+        await w
+
+
+addons = [StablePrefix(), ClientAllowlist()]
