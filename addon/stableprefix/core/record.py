@@ -65,6 +65,7 @@ Record = TypedDict(
         "cached_tokens": int | None,
         "prompt_tokens": int | None,
         "evidence": str | None,
+        "evidence_ignored": str,
         "miss": str | None,
     },
     total=False,
@@ -163,6 +164,8 @@ def server_text(record: Mapping[str, Any]) -> str:
         return f"server reused {cached:,}/{prompt:,}" if prompt is not None else f"server reused {cached:,}"
     if prompt is not None:
         return f"server: {prompt:,} prompt tokens, no cache figure"
+    if record.get("evidence_ignored"):
+        return f"server: HTTP {record['status']}, no cache figure (usage block not plausible, ignored)"
     return f"server: HTTP {record['status']}, no cache figure"
 
 
