@@ -131,6 +131,7 @@ class Analyzer:
             else shapes.parts(shapes.Api(result.record["api"]), result.body)
         )
         detail = fingerprint.detail(parts, result.body, result.fingerprint.message_bytes)
+        streams.adopt_session(result.record, result.body)
         fields = self.tracker.observe(
             result.record, detail, parts, _max_tokens(result.body), context=self.log_context
         )

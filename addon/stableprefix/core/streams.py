@@ -1,13 +1,17 @@
 """Conversations ("streams"), request classes and where a request diverged from the previous one.
 
 A request belongs to a stream: the requests of one conversation thread, in order. Streams are grouped by the
-client's session id (``X-Claude-Code-Session-Id`` or ``metadata.user_id``; without one, all requests share
-one pool) and, inside a session, by content:
+client's session id (``X-Claude-Code-Session-Id`` or ``metadata.user_id``; behind a router that drops both,
+the per-conversation ``prompt_cache_key`` LiteLLM sends, see `adopt_session`; without any, all requests
+share one pool) and, inside a session, by content:
 
 - ``count_tokens`` requests are recorded but never compared and never become a baseline;
 - ``side`` requests (title generation, command-prefix checks and other short side queries: at most two
   tools and a small system prompt or a small ``max_tokens``) get streams of their own, apart from the
   main thread and the subagents;
+- a request that holds only its first user turn (no assistant message yet) never joins a stream whose last
+  request is longer: it is a new conversation that starts like an earlier one (the same first prompt), not
+  that conversation rewound;
 - every other request joins the stream whose last request shares the longest prefix with it (its chain),
   or failing that the same first message, or the same first message once volatile items (date, reminders)
   are masked; otherwise it starts a new stream. The first such stream of a session is ``main``; a later
@@ -48,6 +52,23 @@ SIDE_MAX_SYSTEM_CHARS = 4000
 SIDE_MAX_TOKENS = 1024
 CONTEXT_CHARS = 40  # each side of the divergence, in the opt-in masked snippet
 THINKING = frozenset({"thinking", "redacted_thinking"})
+
+
+#: body keys that name a conversation when no session header arrives (LiteLLM: one per conversation)
+SESSION_KEYS = ("prompt_cache_key",)
+#: message roles (or item types) that show a conversation already had a model turn
+CONTINUED = frozenset({"assistant", "model", "tool", "function", "function_call", "function_call_output"})
+
+
+def adopt_session(record: dict[str, Any], body: Any) -> None:
+    """Set ``record["session"]`` from what the body itself carries when the client sent no session id."""
+    if record.get("session") or not isinstance(body, dict):
+        return
+    for key in SESSION_KEYS:
+        value = body.get(key)
+        if isinstance(value, str) and value:
+            record["session"] = hashlib.sha256(f"{key}:{value}".encode()).hexdigest()[:12]
+            return
 
 
 def request_class(api: str, tool_count: int, system_chars: int, max_tokens: Any) -> str | None:
@@ -128,6 +149,11 @@ class Snapshot:
 
     def total_chars(self) -> int:
         return self.system_chars + self.tools_chars + sum(self.message_chars)
+
+    @property
+    def fresh(self) -> bool:
+        """Only the first user turn: no assistant message (or tool round) yet."""
+        return not any(m.role in CONTINUED for m in self.detail.messages)
 
 
 @dataclass
@@ -464,6 +490,8 @@ class Tracker:
             if ("side" if s.cls == "side" else "thread") != family:
                 continue
             old = s.last
+            if new.fresh and len(old.chain) > len(new.chain) and not old.fresh:
+                continue  # a new conversation starting like this one, not this one rewound
             k = 0
             while k < min(len(old.chain), len(new.chain)) and old.chain[k] == new.chain[k]:
                 k += 1
