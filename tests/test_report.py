@@ -60,13 +60,13 @@ def test_session_main_stream_table_exact() -> None:
         f"stream a1b2c3d4e5f6 · main · 6 requests · session 0b1c2d3e4f50 · host 127.0.0.1 · from {SESSION}:1"
     )
     assert lines[i + 1 : i + 8] == [
-        "  #  class  verdict      msgs kept  diverged at             cause             reused/prompt    lost  miss    rules",
-        "  1  main   first                -  -                       -                       0/3,100       -  -       billing=1",
-        "  2  main   append-only        1/3  -                       -                   3,100/3,300       -  -       billing=1",
-        "  3  main   changed            0/5  system[2]@1480          git_status            770/3,550  ~2,530  client  billing=1",
-        "  4  main   append-only        5/7  -                       -                   3,550/3,750       -  -       billing=1",
-        "  5  main   changed            1/9  messages[1].content[0]  thinking_dropped    3,100/3,870    ~650  client  billing=1",
-        "  6  main   append-only       9/11  -                       -                     100/4,120       -  server  billing=1",
+        "  #  class  verdict      msgs kept  diverged at             cause             reused/prompt   lost  miss    rules",
+        "  1  main   first                -  -                       -                       0/3,100      -  -       billing=1",
+        "  2  main   append-only        1/3  -                       -                   3,100/3,300      -  -       billing=1",
+        "  3  main   changed            0/5  system[2]@1480          git_status            770/3,550  2,530  client  billing=1",
+        "  4  main   append-only        5/7  -                       -                   3,550/3,750      -  -       billing=1",
+        "  5  main   changed            1/9  messages[1].content[0]  thinking_dropped    3,100/3,870    650  client  billing=1",
+        "  6  main   append-only       9/11  -                       -                     100/4,120      -  server  billing=1",
     ]
 
 
@@ -97,8 +97,8 @@ def test_session_totals_exact() -> None:
         "  server reported: reused 10,620 of 23,540 prompt tokens (45.1%) on 8 requests",
         "  reprocessed because the client changed the prefix: ~3,630 tokens on 3 turns",
         "    cause             turns  tokens  what to do",
-        "    git_status            1  ~2,530  " + volatile.remedy("git_status"),
-        "    thinking_dropped      1    ~650  " + volatile.remedy("thinking_dropped"),
+        "    git_status            1   2,530  " + volatile.remedy("git_status"),
+        "    thinking_dropped      1     650  " + volatile.remedy("thinking_dropped"),
         "    tools                 1    ~450  " + volatile.remedy("tools"),
         "  reprocessed although the prefix was kept (server-side): ~3,770 tokens on 1 turn",
     ]
@@ -135,9 +135,9 @@ def test_observe_mode_would_save() -> None:
 def test_check_lines_exact() -> None:
     assert report_text.check_lines(readers.read([SESSION], progress=False)) == [
         f"{SESSION}:4: main turn 3 of stream a1b2c3d4e5f6 lost its prefix at system[2]@1480 (cause git_status), "
-        "~2,530 tokens reprocessed",
+        "2,530 tokens reprocessed",
         f"{SESSION}:9: main turn 5 of stream a1b2c3d4e5f6 lost its prefix at messages[1].content[0] "
-        "(cause thinking_dropped), ~650 tokens reprocessed",
+        "(cause thinking_dropped), 650 tokens reprocessed",
     ]
 
 
@@ -294,7 +294,7 @@ def test_html_is_self_contained_with_a_chart_per_thread() -> None:
     # bars: git_status and thinking_dropped (main), tools (subagent); one legend swatch per chart
     assert len(re.findall(rf'<rect [^>]*height="[0-9.]+" fill="{LOST}"', page)) == 3 + 2
     assert f'fill="{REUSED}"' in page
-    assert "~2,530" in page and "45.1%" in page
+    assert "2,530" in page and "45.1%" in page
 
 
 def test_html_escapes_what_it_shows(tmp_path: Path) -> None:
@@ -406,3 +406,33 @@ def test_any_field_values_never_break_the_report() -> None:
         render_html([("", rep)])
 
     check()
+
+
+# --- estimates count only what the server renders (issue 12, item 6) ------------------------------------------
+
+
+def _rec(**kw: object) -> dict[str, object]:
+    base = {"v": 2, "state": "answered", "stream": "s1", "class": "main", "status": 200, "host": "h",
+            "system_chars": 8000, "tools_chars": 31500}  # fmt: skip
+    return {**base, **kw}
+
+
+def test_a_loss_is_scaled_by_the_servers_prompt_size(tmp_path: Path) -> None:
+    """SmolLM2's template drops the 31,500 characters of tools: the server counted 2,023 tokens for a prompt
+    of 40,000 characters. The loss of a client-side change is scaled by the server's 2,023/40,000 tokens per
+    character (not 4 characters per token: ~9,975), and measured when the server reported its reuse."""
+    log = tmp_path / "t.jsonl"
+    rows = [
+        _rec(id="a", verdict="first", message_chars=[500], prompt_tokens=2023, cached_tokens=None),
+        _rec(id="b", verdict="changed", cause="unknown", diverged_at="messages[0].content[0]",
+             message_chars=[500, 300, 200], reusable_chars=100, prompt_tokens=2100, cached_tokens=None),
+        _rec(id="c", verdict="changed", cause="unknown", diverged_at="messages[0].content[0]",
+             message_chars=[500, 300, 200, 200], reusable_chars=100, prompt_tokens=2150, cached_tokens=40),
+    ]  # fmt: skip
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    turns = list(readers.read([log], progress=False).turns())
+    assert turns[1].lost() == (round((40000 - 100) * 2023 / 40000), True)  # 2,018, an estimate
+    assert turns[2].lost() == (2100 - 40, False)  # measured: previous prompt minus reused now
+    assert turns[0].prompt() == (2023, False)
+    text = report_text.render_text(readers.read([log], progress=False))
+    assert "~2,018" in text and "~9,975" not in text and " 2,060 " in text

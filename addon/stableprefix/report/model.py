@@ -7,16 +7,18 @@ Inputs (detected by content, not by extension):
   flow is fed through `stableprefix.analyzer.Analyzer` in observe mode, so the report shows what the rules
   *would* change on traffic recorded without them. Flows are read one by one (bounded memory).
 
-Figures (``~`` marks an estimate from characters, `CHARS_PER_TOKEN` per token; other figures are what the
-server reported):
+Figures (``~`` marks an estimate; other figures are what the server reported). An estimate counts
+characters, scaled by the server's own tokens per character where it reported the prompt's size (a chat
+template may not render all the text: SmolLM2's drops the tools), else `CHARS_PER_TOKEN` per token:
 
 - *prompt* of a request: ``prompt_tokens`` when the server reported it, else its characters (system + tools +
   messages, canonical form) / 4.
-- *reused*: ``cached_tokens`` when the server reported it, else ``reusable_tokens_est`` (the prefix it shares
-  with the previous request of its stream).
+- *reused*: ``cached_tokens`` when the server reported it, else the estimated prefix it shares with the
+  previous request of its stream.
 - *lost to a client-side change* (a turn whose verdict is ``changed``, cause other than
-  ``cache_markers_only``): the characters of the previous request of the stream minus the characters this
-  request still shares with it, / 4. It counts only what the client changed, whatever the server did.
+  ``cache_markers_only``): measured as the previous request's ``prompt_tokens`` minus this request's
+  ``cached_tokens`` when the server reported both; else estimated from the characters of the previous request
+  minus the characters this request still shares with it.
 - *lost server-side* (``miss: server``: prefix kept, server reused less): the tokens the server should have
   reused (`stableprefix.analyzer.expected_cached`: the reusable share of its reported prompt) minus
   ``cached_tokens``.
@@ -59,11 +61,16 @@ def fmt(n: int | None, est: bool = False) -> str:
     return f"~{n:,}" if est else f"{n:,}"
 
 
+MAX_FIGURE = 10**15  # a larger count in a log is corrupt, not a figure
+
+
 def _int(v: Any) -> int | None:
-    """`v` as an int when it is a finite number (not a bool); else None. Logs may hold anything."""
+    """`v` as an int when it is a finite number (not a bool) of sane size; else None. Logs may hold anything."""
     if isinstance(v, bool) or not isinstance(v, int | float):
         return None
-    return int(v) if math.isfinite(v) else None
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return int(v) if abs(v) <= MAX_FIGURE else None
 
 
 def _count(v: Any) -> int:
@@ -142,6 +149,18 @@ class Turn:
     def server_prompt(self) -> int | None:
         return _int(self.rec.get("prompt_tokens"))
 
+    def per_char(self) -> float | None:
+        """Tokens per character of this prompt as the server counted it (its template may drop text, e.g.
+        the tools), from the server's prompt size; None when the server reported none."""
+        p, c = self.server_prompt, self.chars
+        return p / c if p is not None and p > 0 and c else None
+
+    def estimate(self, chars: int) -> int:
+        """Tokens of `chars` characters of this prompt: scaled by the server's count when it reported one,
+        else `CHARS_PER_TOKEN`. Always an estimate (print it with ``~``)."""
+        ratio = self.per_char()
+        return int(round(chars * ratio)) if ratio is not None else tokens(chars)
+
     def prompt(self) -> tuple[int | None, bool]:
         """(prompt tokens, estimated?)"""
         if (p := self.server_prompt) is not None:
@@ -156,7 +175,7 @@ class Turn:
         r = self.reusable_chars
         if r is None and self.verdict == "first":
             r = 0
-        return (tokens(r), True) if r is not None else (None, True)
+        return (self.estimate(r), True) if r is not None else (None, True)
 
     @property
     def client_loss(self) -> bool:
@@ -165,14 +184,27 @@ class Turn:
             return volatile.costs(self.cause or "")
         return self.rec.get("miss") == "client" and self.verdict == "?"
 
-    def lost_tokens(self) -> int | None:
-        """Tokens of the previous request that must be processed again because the client changed it."""
+    def lost(self) -> tuple[int | None, bool]:
+        """(tokens of the previous request processed again because the client changed it, estimated?).
+
+        Measured when the server reported the previous prompt's size and this request's reuse: previous
+        prompt tokens minus tokens reused now. Else the characters lost, scaled by the server's tokens per
+        character when it reported a prompt size (its template may not render all the text), else / 4."""
         if not self.client_loss or self.prev is None:
-            return None
+            return None, True
+        prev_prompt, cached = self.prev.server_prompt, self.server_cached
+        if prev_prompt is not None and prev_prompt > 0 and cached is not None:
+            return max(0, prev_prompt - cached), False
         before, kept = self.prev.chars, self.reusable_chars
         if before is None or kept is None:
-            return None
-        return tokens(max(0, before - kept))
+            return None, True
+        gone = max(0, before - kept)
+        ratio = self.prev.per_char() or self.per_char()
+        return (int(round(gone * ratio)) if ratio is not None else tokens(gone)), True
+
+    def lost_tokens(self) -> int | None:
+        """The figure of `lost` (measured or estimated)."""
+        return self.lost()[0]
 
     def server_lost_tokens(self) -> int | None:
         if self.rec.get("miss") != "server":
@@ -270,6 +302,7 @@ class Totals:
     server_prompt: int = 0
     client_turns: Counter[str] = field(default_factory=Counter)
     client_tokens: Counter[str] = field(default_factory=Counter)
+    client_est: set[str] = field(default_factory=set)  # causes whose client_tokens hold an estimate
     server_turns: int = 0
     server_tokens: int = 0
     interleaved: int = 0
@@ -281,6 +314,10 @@ class Totals:
     would_fire: Counter[str] = field(default_factory=Counter)
     would_save: int = 0
     would_save_turns: int = 0
+
+    @property
+    def client_estimated(self) -> bool:
+        return bool(self.client_est)
 
     @property
     def client_total(self) -> int:
@@ -349,7 +386,10 @@ class Report:
             if turn.client_loss:
                 cause = turn.cause or "unknown"
                 t.client_turns[cause] += 1
-                t.client_tokens[cause] += turn.lost_tokens() or 0
+                lost, est = turn.lost()
+                t.client_tokens[cause] += lost or 0
+                if est and lost is not None:
+                    t.client_est.add(cause)
             if (s := turn.server_lost_tokens()) is not None:
                 t.server_turns += 1
                 t.server_tokens += s

@@ -49,7 +49,7 @@ def turn_row(t: Turn) -> list[str]:
     rules = " ".join(f"{k}={v}" for k, v in fired.items())
     if observe and rules:
         rules = "would: " + rules
-    loss = t.lost_tokens()
+    loss, loss_est = t.lost()
     return [
         str(t.n),
         t.cls,
@@ -58,7 +58,7 @@ def turn_row(t: Turn) -> list[str]:
         t.location(),
         t.cause or "-",
         f"{fmt(reused, r_est) if t.cls != 'count_tokens' else '-'}/{fmt(prompt, p_est)}",
-        fmt(loss, True) if loss is not None else "-",
+        fmt(loss, loss_est) if loss is not None else "-",
         str(t.rec.get("miss") or "-"),
         rules or "-",
     ]
@@ -133,13 +133,15 @@ def render_totals(t: Totals) -> list[str]:
         out.append("  server reported: nothing (no cache figures in the responses)")
     nclient = sum(t.client_turns.values())
     out.append(
-        f"  reprocessed because the client changed the prefix: {fmt(t.client_total, True)} tokens "
+        f"  reprocessed because the client changed the prefix: {fmt(t.client_total, t.client_estimated)} tokens "
         f"on {nclient} turn{'s' if nclient != 1 else ''}"
     )
     if nclient:
         rows = [["cause", "turns", "tokens", "what to do"]]
         for cause, n in sorted(t.client_turns.items(), key=lambda kv: (-t.client_tokens[kv[0]], kv[0])):
-            rows.append([cause, str(n), fmt(t.client_tokens[cause], True), volatile.remedy(cause)])
+            rows.append(
+                [cause, str(n), fmt(t.client_tokens[cause], cause in t.client_est), volatile.remedy(cause)]
+            )
         out += table(rows, {1, 2}, indent="    ")
     if t.server_turns:
         out.append(
@@ -166,7 +168,10 @@ def render_totals(t: Totals) -> list[str]:
         out.append(
             "  this log has no verdicts (written before stableprefix tracked streams): sizes and rules only"
         )
-    out.append("  ~ = estimated (4 characters per token); other figures as the server reported them.")
+    out.append(
+        "  ~ = estimated (characters, scaled by the server's tokens per character where it reported a prompt "
+        "size, else 4 per token); other figures as the server reported them."
+    )
     out.append(
         "  lost = tokens of the previous request of the stream processed again after a client-side change."
     )
@@ -177,8 +182,8 @@ def check_lines(report: Report) -> list[str]:
     """One line per main-thread turn that lost its prefix for a client-side cause."""
     out = []
     for t in report.offences():
-        loss = t.lost_tokens()
-        lost = f", {fmt(loss, True)} tokens reprocessed" if loss is not None else ""
+        loss, est = t.lost()
+        lost = f", {fmt(loss, est)} tokens reprocessed" if loss is not None else ""
         out.append(
             f"{t.where}: main turn {t.n} of stream {t.stream_short()} lost its prefix at {t.location()} "
             f"(cause {t.cause}){lost}"
