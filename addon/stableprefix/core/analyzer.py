@@ -147,6 +147,24 @@ class Analyzer:
         record["status"] = status
         return self._complete(record, evidence.from_body(body))
 
+    def recorded(self, record: dict[str, Any], status: int, saved: Mapping[str, Any]) -> dict[str, Any]:
+        """Complete `record` with the server figures of a record saved earlier (the addon's record in a flow
+        file's metadata) when the response body itself is gone (a streamed response is not stored)."""
+        record["status"] = status
+        cached, prompt = saved.get("cached_tokens"), saved.get("prompt_tokens")
+        ok = [
+            v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0) for v in (cached, prompt)
+        ]
+        ev = None
+        if all(ok) and (cached is not None or prompt is not None):
+            source = saved.get("evidence") if cached is not None else None
+            ev = evidence.Evidence(str(source) if source else None, prompt, cached)
+            if ev.source is None and cached is not None:
+                ev = evidence.Evidence("recorded", prompt, cached)
+        elif saved.get("evidence_ignored"):
+            ev = evidence.Evidence(None, None, None, str(saved["evidence_ignored"])[:200])
+        return self._complete(record, ev)
+
     def sse_parser(
         self, record: dict[str, Any], headers: Mapping[str, str] | None = None, status: int = 200
     ) -> SSEFeed:

@@ -66,6 +66,7 @@ Record = TypedDict(
         "prompt_tokens": int | None,
         "evidence": str | None,
         "evidence_ignored": str,
+        "evidence_from": str,
         "miss": str | None,
     },
     total=False,
