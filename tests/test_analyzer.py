@@ -46,6 +46,10 @@ REQUEST_FIELDS = [
     "reusable_chars",
     "reusable_tokens_est",
     "interleaved_side",
+    "nearest_stream",
+    "shareable_chars",
+    "saved_chars",
+    "saved_by",
 ]
 RESPONSE_FIELDS = ["status", "cached_tokens", "prompt_tokens", "evidence", "miss"]
 

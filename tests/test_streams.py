@@ -523,6 +523,10 @@ def test_a_new_conversation_with_the_same_first_prompt_is_a_new_stream() -> None
     assert again["verdict"] == "first"
     assert again["stream"] != r1["stream"]
     assert again["diverged_at"] is None and again["cause"] is None
+    assert again["nearest_stream"] == r1["stream"]  # it shares all of itself with that stream's start
+    whole = again["system_chars"] + again["tools_chars"] + sum(again["message_chars"])
+    assert again["reusable_chars"] == again["shareable_chars"] == whole
+    assert r1["nearest_stream"] is None and r1["reusable_chars"] == 0
     # the first conversation goes on in its own stream
     r4 = observe(t, _no_meta(s.request(4)))
     assert (r4["stream"], r4["verdict"]) == (r1["stream"], "append-only")

@@ -132,11 +132,46 @@ class Analyzer:
         )
         detail = fingerprint.detail(parts, result.body, result.fingerprint.message_bytes)
         streams.adopt_session(result.record, result.body)
+        counterpart = self._counterpart(result, detail, parts, method, host, path, raw, headers)
         fields = self.tracker.observe(
-            result.record, detail, parts, _max_tokens(result.body), context=self.log_context
+            result.record, detail, parts, _max_tokens(result.body), self.log_context, counterpart
         )
         result.record.update(fields)
         return result
+
+    def _counterpart(
+        self,
+        result: pipeline.Result,
+        detail: fingerprint.Detail,
+        parts: shapes.Parts,
+        method: str,
+        host: str,
+        path: str,
+        raw: bytes,
+        headers: Mapping[str, str] | None,
+    ) -> streams.Counterpart | None:
+        """The request on the other side of the rules, for the savings: what the client sent (active mode),
+        or what the rules would forward (observe mode: the rules are run once more, rewriting nothing)."""
+        rec = result.record
+        if rec.get("passthrough"):
+            return None
+        observe = self.settings.observe
+        fired = rec.get("would_change") if observe else rec.get("changed")
+        if not fired:
+            return streams.Counterpart(rec, detail, parts.system, not observe)
+        if not observe:
+            if result.original_body is None:
+                return None
+            before = shapes.parts(shapes.Api(rec["api"]), result.original_body)
+            fp = fingerprint.fingerprint(before)
+            d = fingerprint.detail(before, result.original_body, fp.message_bytes)
+            return streams.Counterpart(fp.as_record(), d, before.system, True, tuple(fired))
+        active = pipeline.Settings(self.settings.rules, False, self.settings.passthrough)
+        after = pipeline.process(method, host, path, raw, active, headers or {}, self.sticky)
+        if after is None or after.body is None or after.fingerprint is None or after.parts is None:
+            return None
+        d = fingerprint.detail(after.parts, after.body, after.fingerprint.message_bytes)
+        return streams.Counterpart(after.fingerprint.as_record(), d, after.parts.system, False, tuple(fired))
 
     # --- response ---------------------------------------------------------------------------------------
 

@@ -60,6 +60,10 @@ Record = TypedDict(
         "reusable_chars": int,
         "reusable_tokens_est": int,
         "interleaved_side": int,
+        "nearest_stream": str | None,
+        "shareable_chars": int,
+        "saved_chars": int,
+        "saved_by": dict[str, int],
         "context": str,
         "status": int | None,
         "cached_tokens": int | None,
@@ -149,8 +153,26 @@ def verdict_text(record: Mapping[str, Any]) -> str:
                 text += " [tools " + "; ".join(bits) + "]"
         return f"{text} {common}/{total} msgs"
     if verdict == "first":
-        return f"first {total} msgs"
+        return f"first {total} msgs" + (f", {shared_text(record)}" if record.get("nearest_stream") else "")
     return f"{total} msgs"
+
+
+def shared_text(record: Mapping[str, Any]) -> str:
+    """A first request against the nearest earlier stream: ``shares 41 chars (~10 tokens) with stream
+    1a2b3c4d, diverged at system[0]@41 (billing; ~7,958 tokens more if stable)``."""
+    chars = int(record.get("reusable_chars") or 0)
+    text = f"shares {chars:,} chars (~{chars // 4:,} tokens) with stream {str(record['nearest_stream'])[:8]}"
+    if record.get("diverged_at"):
+        text += f", diverged at {record['diverged_at']}"
+        bits = [str(record.get("cause") or "unknown")]
+        tc = record.get("tools_changed")
+        if tc:
+            bits += [f"{k} {','.join(v)}" for k, v in tc.items() if v]
+        more = int(record.get("shareable_chars") or 0) - chars
+        if more > 0:
+            bits.append(f"~{more // 4:,} tokens more if stable")
+        text += f" ({'; '.join(bits)})"
+    return text
 
 
 def server_text(record: Mapping[str, Any]) -> str:
@@ -198,6 +220,8 @@ def comment(record: Mapping[str, Any]) -> str:
     text = f"stableprefix: {record.get('class')} {verdict}"
     if verdict == "changed":
         text += f" at {record.get('diverged_at')} ({record.get('cause')})"
+    elif verdict == "first" and record.get("nearest_stream"):
+        text += f"; {shared_text(record)}"
     if record.get("miss") in ("server", "client"):
         text += f"; {MISS_WORDS[record['miss']]}"
     return text

@@ -1,0 +1,119 @@
+"""A stream's first request against the nearest earlier stream, and the rules' savings as a counterfactual
+(issue 12, items 1 and 2). Pure core: the Analyzer over Claude-Code-shaped requests."""
+
+from __future__ import annotations
+
+import json
+import tracemalloc
+from typing import Any
+
+from stableprefix.core import pipeline
+from stableprefix.core import record as records
+from stableprefix.core import streams
+from stableprefix.core.analyzer import Analyzer
+from stableprefix.core.fingerprint import detail
+from stableprefix.core.fingerprint import fingerprint
+from stableprefix.core.shapes import Parts
+from stableprefix.demo import samples
+
+ONE = samples.Session(suffix="a01", task="Find why the parser drops the last token and fix it.")
+TWO = samples.Session(suffix="b02", task="Write the release notes for version 2.")
+BILLING_CHARS = len(samples.billing_line(suffix="a01", cch="00000"))
+
+
+def send(a: Analyzer, body: dict[str, Any], host: str = "127.0.0.1") -> dict[str, Any]:
+    r = a.request("POST", host, "/v1/messages", json.dumps(body).encode(), {})
+    assert r is not None and not r.warning
+    return r.record
+
+
+def test_the_second_conversation_names_billing_in_observe_mode() -> None:
+    a = Analyzer(pipeline.Settings(observe=True))
+    one = [send(a, ONE.request(t)) for t in (1, 2, 3)]
+    two = send(a, TWO.request(1))
+    assert two["verdict"] == "first" and two["stream"] != one[0]["stream"]
+    assert two["nearest_stream"] == one[0]["stream"]
+    # both headers read "x-anthropic-billing-header: cc_version=2.1.39." then the suffix differs
+    prefix = "x-anthropic-billing-header: cc_version=2.1.39."
+    assert two["diverged_at"] == f"system[0]@{len(prefix)}"
+    assert two["cause"] == "billing"
+    assert two["reusable_chars"] == len(prefix)
+    # with the header equal, the system texts and the tools would be shared (the first messages differ)
+    assert two["shareable_chars"] == two["system_chars"] + two["tools_chars"]
+    line = records.log_line(two)
+    assert f"diverged at system[0]@{len(prefix)} (billing;" in line
+    assert f"with stream {one[0]['stream'][:8]}" in line
+    assert "billing" in records.comment(two) and "shares" in records.comment(two)
+
+
+def test_the_second_conversation_shares_system_and_tools_in_active_mode() -> None:
+    a = Analyzer(pipeline.Settings())
+    first = send(a, ONE.request(1))
+    two = send(a, TWO.request(1))
+    assert two["nearest_stream"] == first["stream"]
+    head = two["system_chars"] + two["tools_chars"]
+    # the reminder block (content[0]) is shared too; the task text (content[1]) differs
+    assert head < two["reusable_chars"] < head + two["message_chars"][0]
+    assert two["diverged_at"] == "messages[0].content[1]" and two["cause"] == "conversation"
+
+
+def test_a_subagent_names_system_and_tools() -> None:
+    a = Analyzer(pipeline.Settings())
+    main = send(a, ONE.request(2))
+    sub = samples.Session(suffix="c03", task="Search the code base for callers of parse().", tool_count=6)
+    body = sub.request(1)
+    body["system"][2]["text"] = "You are an agent for Claude Code. " + samples.instructions(5000, seed=7)
+    rec = send(a, body)
+    assert rec["verdict"] == "first" and rec["nearest_stream"] == main["stream"]
+    assert rec["diverged_at"] == "system[1]@0" and rec["cause"] == "system"  # billing block dropped
+    assert rec["tools_changed"]["removed"]  # the subagent has fewer tools: their names are listed
+    assert rec["reusable_chars"] == len(samples.IDENTITY)
+
+
+def test_only_the_same_upstream_is_compared() -> None:
+    a = Analyzer(pipeline.Settings())
+    send(a, ONE.request(1), host="10.0.0.1")
+    other = send(a, TWO.request(1), host="10.0.0.2")
+    assert other["nearest_stream"] is None and other["reusable_chars"] == 0
+
+
+def test_recent_heads_stay_bounded_over_10000_streams() -> None:
+    """Memory: every request a new conversation (another first prompt); what the tracker keeps is capped."""
+    t = streams.Tracker()
+    tools = [
+        {"name": n, "input_schema": {"type": "object"}} for n in ("a", "b", "c")
+    ]  # 3: not a side request
+
+    def observe(i: int) -> dict[str, Any]:
+        parts = Parts(["You are a helpful assistant."], tools, ["a", "b", "c"],
+                      [{"role": "user", "content": f"question {i}"}], {"model": "m"})  # fmt: skip
+        fp = fingerprint(parts)
+        rec = {"host": "h", "api": "anthropic-messages", "session": None, **fp.as_record()}
+        return t.observe(rec, detail(parts, None, fp.message_bytes), parts, 4096)
+
+    tracemalloc.start()
+    try:
+        for i in range(5000):  # past every other cap (streams, stats rows, message cache)
+            observe(i)
+        half = tracemalloc.get_traced_memory()[0]
+        for i in range(5000, 10_000):
+            rec = observe(i)
+        grown = tracemalloc.get_traced_memory()[0] - half
+    finally:
+        tracemalloc.stop()
+    assert rec["verdict"] == "first" and rec["nearest_stream"] is not None
+    assert rec["diverged_at"] == "messages[0].content[0]"
+    assert t.recent_heads() <= streams.RECENT_CAP
+    assert len(t) <= streams.STREAM_CAP
+    assert grown < 2_000_000, grown  # 5,000 more streams, not 5,000 more heads
+
+
+def test_the_content_view_shows_the_nearest_stream() -> None:
+    from stableprefix.mitm import contentview
+
+    a = Analyzer(pipeline.Settings(observe=True))
+    first = send(a, ONE.request(1))
+    two = send(a, TWO.request(1))
+    text = contentview.render(two, {}, b"{}")
+    assert f'nearest_stream: "{first["stream"]}"' in text
+    assert 'cause: "billing"' in text and "shareable: " in text
