@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os.path
 import tracemalloc
 from typing import Any
 
@@ -117,3 +118,58 @@ def test_the_content_view_shows_the_nearest_stream() -> None:
     text = contentview.render(two, {}, b"{}")
     assert f'nearest_stream: "{first["stream"]}"' in text
     assert 'cause: "billing"' in text and "shareable: " in text
+
+
+# --- savings are a counterfactual (issue 12, item 2) ---------------------------------------------------------
+
+
+def replay(observe: bool) -> list[dict[str, Any]]:
+    """One recorded-like session: a conversation of 5 turns (cch changes per request), a second conversation
+    of 3 turns, then the first one goes on; a date rule on as well (the date never changes here)."""
+    rules = pipeline.Settings().rules
+    a = Analyzer(pipeline.Settings(rules=rules, observe=observe))
+    bodies = [ONE.request(t) for t in range(1, 6)] + [TWO.request(t) for t in (1, 2, 3)] + [ONE.request(6)]
+    return [send(a, b) for b in bodies]
+
+
+def test_observe_and_active_report_the_same_savings() -> None:
+    active, observed = replay(False), replay(True)
+    assert [r["changed"] for r in active] == [{"billing": 1}] * 9
+    assert [r["would_change"] for r in observed] == [{"billing": 1}] * 9
+    saved_active = [r["saved_chars"] for r in active]
+    saved_observed = [r["saved_chars"] for r in observed]
+    assert sum(saved_active) > 0
+    assert abs(sum(saved_active) - sum(saved_observed)) <= 0.1 * sum(saved_active)
+    assert saved_active == saved_observed  # the same comparison, made from either side
+    assert {k for r in active for k in r["saved_by"]} == {"billing"}
+
+
+def test_a_saving_is_what_the_rewrite_added_to_the_shared_prefix() -> None:
+    active = replay(False)
+    # turn 2: without the rule the per-request cch differs in system[0], so only the header's start up to
+    # "cch=" is shared; with it the whole previous request is
+    prev, turn2 = active[0], active[1]
+    whole_prev = prev["system_chars"] + prev["tools_chars"] + sum(prev["message_chars"])
+    head = os.path.commonprefix([ONE.request(1)["system"][0]["text"], ONE.request(2)["system"][0]["text"]])
+    assert head.endswith("cch=") or "cch=" in head
+    assert turn2["reusable_chars"] == whole_prev
+    assert turn2["saved_chars"] == whole_prev - len(head)
+    # the second conversation's first request: the suffix differs at cc_version=2.1.39.|a01 vs b02
+    two = active[5]
+    at = len("x-anthropic-billing-header: cc_version=2.1.39.")
+    assert two["saved_chars"] == two["reusable_chars"] - at
+    # a request the rules did not change and whose previous request they did not change saves nothing
+    plain = Analyzer(pipeline.Settings())
+    body = ONE.request(1)
+    body["system"] = body["system"][1:]
+    assert send(plain, body)["saved_chars"] == 0
+
+
+def test_when_the_prefix_was_stable_anyway_the_rules_saved_nothing() -> None:
+    """Claude Code >= 2.1.181 to a custom base URL: no cch, the header is stable inside a conversation.
+    Dropping it keeps nothing reusable that was not reusable already (the old report said "up to ...")."""
+    s = samples.Session(suffix="d04", with_cch=False)
+    a = Analyzer(pipeline.Settings())
+    recs = [send(a, s.request(t)) for t in (1, 2, 3)]
+    assert [r["changed"] for r in recs] == [{"billing": 1}] * 3
+    assert [r["saved_chars"] for r in recs[1:]] == [0, 0]

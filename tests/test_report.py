@@ -16,8 +16,8 @@ stream 5ub5... (subagent): 1 first 2000+4000+800 = 6,800 (server 0/1,700); 2 cha
   lost (6,800 - 5,000) / 4 = 450 (tools), no server figures.
 side: 400+0+200 = 600 (server 0/150); count_tokens: 0+8000+40 = 8,040 -> ~2,010.
 Server totals: cached 0+3,100+770+3,550+3,100+100+0+0 = 10,620 of 3,100+3,300+3,550+3,750+3,870+4,120+1,700+150
-= 23,540 (45.1%). Rules saved (billing rewrote 7): later rewritten turns' reusable 3,100+770+3,550+3,100+3,870
-= 14,390 on 5 turns.
+= 23,540 (45.1%). Rules saved (billing rewrote 7; saved_by on turns 2 and 4): 12,348 and 14,148 characters,
+scaled by the server's tokens per character (3,300/13,200 and 3,750/15,000): 3,087 + 3,537 = 6,624.
 """
 
 from __future__ import annotations
@@ -104,8 +104,8 @@ def test_session_totals_exact() -> None:
     ]
     assert "  side requests interleaved with a stream: 1" in totals
     assert (
-        "  rules rewrote 7 requests (billing=7); prefix they kept reusable on 5 later turns: up to ~14,390 tokens"
-        in totals
+        "  rules rewrote 7 requests (billing=7); prefix shared only because of the rewrite: ~6,624 tokens on "
+        "2 requests" in totals
     )
 
 
@@ -115,19 +115,20 @@ def test_totals_object() -> None:
     assert (t.server_requests, t.server_cached, t.server_prompt) == (8, 10_620, 23_540)
     assert dict(t.client_tokens) == {"git_status": 2530, "thinking_dropped": 650, "tools": 450}
     assert (t.server_turns, t.server_tokens) == (1, 3770)
-    assert (t.rewritten, t.saved, t.saved_turns) == (7, 14_390, 5)
+    assert (t.rewritten, t.saved, t.saved_turns) == (7, 6_624, 2)
     assert (t.observed, t.would_save) == (0, 0)
 
 
 def test_observe_mode_would_save() -> None:
-    # (12,400 - 52) / 4 = 3,087 and (13,200 - 52) / 4 = 3,287: both billing, which the billing rule removes
+    # saved_by: 12,348 / 4 = 3,087 and 13,148 / 4 = 3,287 (no server figures): what the billing rule keeps
     text = report_text.render_text(readers.read([OBSERVE], progress=False))
     assert (
         "  2  main   changed        0/3  system[0]@52  billing     ~13/~3,300  ~3,087  -     would: billing=1"
         in text
     )
     assert (
-        "  observe mode: rules would rewrite 3 requests (billing=3) and save ~6,374 tokens on 2 turns" in text
+        "  observe mode: rules would rewrite 3 requests (billing=3) and save ~6,374 tokens on 2 requests"
+        in text
     )
     assert "  reprocessed because the client changed the prefix: ~6,374 tokens on 2 turns" in text
 
@@ -348,7 +349,8 @@ def _assert_billing_story(rep: report.Report, name: Path) -> None:
     assert [t.reused() for t in turns] == [(25, False), (50, False), (75, False)]  # the recorded usage
     assert all(t.rules() == ({"billing": 1}, True) for t in turns)  # observe mode: would fire
     t = rep.totals()
-    assert t.would_save == sum(t.client_tokens.values()) > 0
+    lost = sum(t.client_tokens.values())  # measured: previous prompt minus reused
+    assert lost > 0 and abs(t.would_save - lost) <= 0.1 * lost  # the counterfactual, estimated
 
 
 def test_flow_file_is_analysed_offline(tmp_path: Path) -> None:
@@ -436,3 +438,30 @@ def test_a_loss_is_scaled_by_the_servers_prompt_size(tmp_path: Path) -> None:
     assert turns[0].prompt() == (2023, False)
     text = report_text.render_text(readers.read([log], progress=False))
     assert "~2,018" in text and "~9,975" not in text and " 2,060 " in text
+
+
+def test_a_cross_conversation_miss_is_counted_with_its_cause(tmp_path: Path) -> None:
+    """The second conversation's first request: billing suffix differs at system[0]@46; 40,000 characters
+    (system + tools) would be shared were it equal; the server counted 10,000 tokens for the 40,400-character
+    prompt and reused 12: ~40,000 * 10,000/40,400 - 12 = ~9,889 tokens reprocessed for billing."""
+    log = tmp_path / "t.jsonl"
+    rows = [
+        _rec(id="a", stream="s1", verdict="first", message_chars=[400], prompt_tokens=10_000, cached_tokens=0),
+        _rec(id="b", stream="s2", verdict="first", message_chars=[400], prompt_tokens=10_000, cached_tokens=12,
+             nearest_stream="s1", diverged_at="system[0]@46", cause="billing", reusable_chars=46,
+             shareable_chars=39_500 + 500),
+    ]  # fmt: skip
+    for r in rows:
+        r["system_chars"], r["tools_chars"] = 8_500, 31_500
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rep = readers.read([log], progress=False)
+    t = rep.totals()
+    expected = round(40_000 * 10_000 / 40_400) - 12
+    assert (dict(t.client_turns), dict(t.client_tokens), t.cross_turns) == (
+        {"billing": 1},
+        {"billing": expected},
+        1,
+    )
+    text = report_text.render_text(rep)
+    assert f"~{expected:,}" in text and "(1 of them a conversation's first request)" in text
+    assert report_text.check_lines(rep) == []  # --check keeps its meaning: within-stream changes only

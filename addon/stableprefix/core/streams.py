@@ -641,10 +641,12 @@ class Tracker:
             best_div.cause = None
         return best, best_div
 
-    def _shared_other(self, host: str, own: str, other: Snapshot) -> Divergence | None:
+    def _shared_other(
+        self, host: str, own: str, other: Snapshot, texts: list[str] | None
+    ) -> Divergence | None:
         """The longest prefix `other` shares with an earlier stream's head on the other side of the rules."""
-        best = _nearest_head(self._recent.get(host, {}), own, other, lambda h: h.other, self.texts)
-        return diverge(best.other, other, self.texts) if best is not None else None
+        best = _nearest_head(self._recent.get(host, {}), own, other, lambda h: h.other, self.texts, texts)
+        return diverge(best.other, other, self.texts, texts) if best is not None else None
 
     def _saved(
         self,
@@ -666,10 +668,11 @@ class Tracker:
             return None
         if other is new and (prev is None or stream.other is None):
             return {}  # the rules changed neither this request nor the previous one: nothing to compare
+        texts = counterpart.system_texts if other is not new else None
         if prev is None:
-            d = self._shared_other(host, stream.id, other)
+            d = self._shared_other(host, stream.id, other, texts)
         else:
-            d = diverge(stream.other if stream.other is not None else prev, other, self.texts)
+            d = diverge(stream.other if stream.other is not None else prev, other, self.texts, texts)
         shared_other = d.reusable_chars if d is not None else 0
         if counterpart.is_before:  # `new` is after the rules, `other` before
             after, before, before_cause = div.reusable_chars, shared_other, d.cause if d is not None else None

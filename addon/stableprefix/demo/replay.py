@@ -99,7 +99,7 @@ def main(html: str | None = None) -> int:
     print(f"\nwithout the addon: {distinct_without} distinct prefix hashes in {len(turns)} requests")
     print(
         f"with the addon:    {distinct_with} distinct prefix hash{'es' if distinct_with != 1 else ''} "
-        f"in {len(turns)} requests (rules fired: {sorted({k for r in with_ for k in r['removed']})})"
+        f"in {len(turns)} requests (rules fired: {sorted({k for r in with_ for k in r['changed']})})"
     )
     for title, rep in reports:
         print(f"\n=== stableprefix report: {title} ===")

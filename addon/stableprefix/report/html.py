@@ -211,8 +211,8 @@ def cards(t: Totals) -> str:
         items.append(
             (
                 "good",
-                f"up to {fmt(t.saved, True)}",
-                f"tokens kept reusable by the rules ({t.rewritten} rewritten)",
+                fmt(t.saved, True),
+                f"tokens shared only because of the rules ({t.rewritten} rewritten)",
             )
         )
     if t.observed:

@@ -22,11 +22,11 @@ template may not render all the text: SmolLM2's drops the tools), else `CHARS_PE
 - *lost server-side* (``miss: server``: prefix kept, server reused less): the tokens the server should have
   reused (`stableprefix.analyzer.expected_cached`: the reusable share of its reported prompt) minus
   ``cached_tokens``.
-- *rules saved* (rules active, ``removed``): the estimated reusable prefix of every later turn of a stream whose
-  request the rules rewrote. An upper bound: it assumes the removed part would otherwise have changed between
-  requests, as Claude Code's per-request ``cch`` does.
-- *rules would save* (observe mode, ``would_change``): the tokens lost on turns whose cause is exactly what a
-  rule that would have fired removes (billing, date, git_status).
+- *rules saved* (rules active, ``changed``) and *would save* (observe mode, ``would_change``): the record's
+  ``saved_by`` (a counterfactual the addon measures per request: the prefix shared after the rewrite that
+  would not have been shared before it, against the previous request of the stream, or the nearest earlier
+  stream for a first request), in estimated tokens. Both modes give the same figure for the same traffic.
+  Logs written before ``saved_by`` existed show no saving (the old "up to" figure was an upper bound).
 
 ``--check`` fails a main-thread turn that lost its prefix for a client-side cause (verdict ``changed``, cause
 other than ``cache_markers_only``).
@@ -184,12 +184,36 @@ class Turn:
             return volatile.costs(self.cause or "")
         return self.rec.get("miss") == "client" and self.verdict == "?"
 
+    @property
+    def cross_loss(self) -> bool:
+        """A stream's first request that would have shared more with the nearest earlier stream had a known
+        volatile item (billing suffix, date, ...) been equal: a cross-conversation miss the rules address."""
+        r = self.rec
+        if self.verdict != "first" or not r.get("nearest_stream") or not volatile.costs(self.cause or ""):
+            return False
+        more = (_int(r.get("shareable_chars")) or 0) - (self.reusable_chars or 0)
+        return more > 0 and self.cause not in (None, "unknown")
+
+    def cross_lost(self) -> tuple[int | None, bool]:
+        """(tokens processed because of a cross-conversation miss, estimated?): the prefix shareable with the
+        nearest earlier stream, in the server's tokens per character, minus what the server reused (or minus
+        the prefix shared, without a server figure). Always scaled, so an estimate."""
+        if not self.cross_loss:
+            return None, True
+        shareable = _int(self.rec.get("shareable_chars")) or 0
+        cached = self.server_cached
+        if cached is not None:
+            return max(0, self.estimate(shareable) - cached), True
+        return self.estimate(max(0, shareable - (self.reusable_chars or 0))), True
+
     def lost(self) -> tuple[int | None, bool]:
         """(tokens of the previous request processed again because the client changed it, estimated?).
 
         Measured when the server reported the previous prompt's size and this request's reuse: previous
         prompt tokens minus tokens reused now. Else the characters lost, scaled by the server's tokens per
         character when it reported a prompt size (its template may not render all the text), else / 4."""
+        if self.cross_loss:
+            return self.cross_lost()
         if not self.client_loss or self.prev is None:
             return None, True
         prev_prompt, cached = self.prev.server_prompt, self.server_cached
@@ -226,21 +250,29 @@ class Turn:
             return {str(k): _count(v) for k, v in would.items()}, True
         return {}, False
 
+    def savings(self) -> dict[str, int]:
+        """Rule -> estimated tokens of prefix shared only because of the rewrite (or would be, observing)."""
+        by = self.rec.get("saved_by")
+        if not isinstance(by, dict):
+            return {}
+        out = {}
+        for rule, chars in by.items():
+            c = _int(chars)
+            if c is not None and c > 0:
+                out[str(rule)] = self.estimate(c)
+        return out
+
     def saved_tokens(self) -> int | None:
-        """Reusable prefix of a later turn whose request the rules rewrote (upper bound, see module doc)."""
+        """Tokens the rules' rewrite kept shared on this request (rules active), or None."""
         fired, observe = self.rules()
-        if not fired or observe or self.n == 1 or self.cls == "count_tokens":
-            return None
-        r = self.reusable_chars
-        return tokens(r) if r is not None else None
+        s = self.savings()
+        return sum(s.values()) if s and not observe else None
 
     def would_save_tokens(self) -> int | None:
-        """Tokens lost on this turn that a rule which would have fired removes exactly."""
+        """Tokens the rules would keep shared on this request (observe mode), or None."""
         fired, observe = self.rules()
-        rule = volatile.rule_for_cause(self.cause or "")
-        if not observe or rule is None or rule not in {k.split(".")[0] for k in fired}:
-            return None
-        return self.lost_tokens()
+        s = self.savings()
+        return sum(s.values()) if s and observe else None
 
     def stream_short(self) -> str:
         return str(self.rec.get("stream") or "?")[:12]
@@ -303,6 +335,7 @@ class Totals:
     client_turns: Counter[str] = field(default_factory=Counter)
     client_tokens: Counter[str] = field(default_factory=Counter)
     client_est: set[str] = field(default_factory=set)  # causes whose client_tokens hold an estimate
+    cross_turns: int = 0  # of client_turns: first requests of a stream (cross-conversation misses)
     server_turns: int = 0
     server_tokens: int = 0
     interleaved: int = 0
@@ -310,10 +343,12 @@ class Totals:
     fired: Counter[str] = field(default_factory=Counter)
     saved: int = 0
     saved_turns: int = 0
+    saved_by: Counter[str] = field(default_factory=Counter)
     observed: int = 0
     would_fire: Counter[str] = field(default_factory=Counter)
     would_save: int = 0
     would_save_turns: int = 0
+    would_save_by: Counter[str] = field(default_factory=Counter)
 
     @property
     def client_estimated(self) -> bool:
@@ -383,9 +418,10 @@ class Report:
                 t.server_requests += 1
                 t.server_cached += turn.server_cached
                 t.server_prompt += turn.server_prompt
-            if turn.client_loss:
+            if turn.client_loss or turn.cross_loss:
                 cause = turn.cause or "unknown"
                 t.client_turns[cause] += 1
+                t.cross_turns += int(turn.cross_loss)
                 lost, est = turn.lost()
                 t.client_tokens[cause] += lost or 0
                 if est and lost is not None:
@@ -405,9 +441,11 @@ class Report:
             if (s := turn.saved_tokens()) is not None:
                 t.saved += s
                 t.saved_turns += 1
+                t.saved_by.update(turn.savings())
             if (s := turn.would_save_tokens()) is not None:
                 t.would_save += s
                 t.would_save_turns += 1
+                t.would_save_by.update(turn.savings())
         return t
 
     def offences(self) -> list[Turn]:

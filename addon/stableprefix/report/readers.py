@@ -172,8 +172,11 @@ def analyze_flow(analyzer: Any, f: Any) -> dict[str, Any] | None:
         for key in ("changed", "actions", "rewritten", "session"):
             if key in saved and not (key == "session" and rec.get("session")):
                 rec[key] = saved[key]
-        if saved.get("changed"):
+        if saved.get("changed"):  # the request here is the forwarded one: the savings are the record's
             rec.pop("would_change", None)
+            for key in ("saved_chars", "saved_by"):
+                if key in saved:
+                    rec[key] = saved[key]
     if f.response is not None:
         resp = f.response
         body = resp.get_content(strict=False)

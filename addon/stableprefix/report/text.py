@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 from stableprefix.core import volatile
 from stableprefix.report.model import CLASS_ORDER
 from stableprefix.report.model import SERVER_REMEDY
@@ -135,6 +137,7 @@ def render_totals(t: Totals) -> list[str]:
     out.append(
         f"  reprocessed because the client changed the prefix: {fmt(t.client_total, t.client_estimated)} tokens "
         f"on {nclient} turn{'s' if nclient != 1 else ''}"
+        + (f" ({t.cross_turns} of them a conversation's first request)" if t.cross_turns else "")
     )
     if nclient:
         rows = [["cause", "turns", "tokens", "what to do"]]
@@ -155,14 +158,15 @@ def render_totals(t: Totals) -> list[str]:
         fired = " ".join(f"{k}={v}" for k, v in sorted(t.fired.items()))
         out.append(
             f"  rules rewrote {t.rewritten} request{'s' if t.rewritten != 1 else ''} ({fired}); "
-            f"prefix they kept reusable on {t.saved_turns} later turn{'s' if t.saved_turns != 1 else ''}: "
-            f"up to {fmt(t.saved, True)} tokens"
+            f"prefix shared only because of the rewrite: {fmt(t.saved, True)} tokens on {t.saved_turns} "
+            f"request{'s' if t.saved_turns != 1 else ''}{by_rule(t.saved_by)}"
         )
     if t.observed:
         fired = " ".join(f"{k}={v}" for k, v in sorted(t.would_fire.items()))
         out.append(
             f"  observe mode: rules would rewrite {t.observed} request{'s' if t.observed != 1 else ''} ({fired}) "
-            f"and save {fmt(t.would_save, True)} tokens on {t.would_save_turns} turn{'s' if t.would_save_turns != 1 else ''}"
+            f"and save {fmt(t.would_save, True)} tokens on {t.would_save_turns} "
+            f"request{'s' if t.would_save_turns != 1 else ''}{by_rule(t.would_save_by)}"
         )
     if t.requests and not t.verdicts:
         out.append(
@@ -173,9 +177,18 @@ def render_totals(t: Totals) -> list[str]:
         "size, else 4 per token); other figures as the server reported them."
     )
     out.append(
-        "  lost = tokens of the previous request of the stream processed again after a client-side change."
+        "  lost = tokens of the previous request of the stream processed again after a client-side change; on a "
+        "conversation's first request: tokens it would have shared with the nearest earlier one had the cause "
+        "been stable."
     )
     return out
+
+
+def by_rule(counts: Counter[str] | dict[str, int]) -> str:
+    """`` (billing ~1,234, date ~56)`` when more than one rule saved, else ``""``."""
+    if len(counts) < 2:
+        return ""
+    return " (" + ", ".join(f"{k} {fmt(v, True)}" for k, v in sorted(counts.items())) + ")"
 
 
 def check_lines(report: Report) -> list[str]:
