@@ -336,6 +336,7 @@ class Totals:
     client_tokens: Counter[str] = field(default_factory=Counter)
     client_est: set[str] = field(default_factory=set)  # causes whose client_tokens hold an estimate
     cross_turns: int = 0  # of client_turns: first requests of a stream (cross-conversation misses)
+    server_classes: Counter[str] = field(default_factory=Counter)  # server-side misses by class
     server_turns: int = 0
     server_tokens: int = 0
     interleaved: int = 0
@@ -427,6 +428,7 @@ class Report:
                 if est and lost is not None:
                     t.client_est.add(cause)
             if (s := turn.server_lost_tokens()) is not None:
+                t.server_classes[str(r.get("server_miss_class") or "unclassified")] += 1
                 t.server_turns += 1
                 t.server_tokens += s
             if r.get("interleaved_side"):
@@ -448,9 +450,17 @@ class Report:
                 t.would_save_by.update(turn.savings())
         return t
 
-    def offences(self) -> list[Turn]:
-        """Main-thread turns that lost their prefix for a client-side cause."""
-        return [t for t in self.turns() if t.cls == "main" and t.client_loss]
+    def offences(self, cross: bool = False) -> list[Turn]:
+        """Main-thread turns that lost their prefix for a client-side cause; with `cross` also the first
+        requests of conversations (main or subagent) that lost a prefix shared with an earlier one to a cause
+        a built-in rule removes (the rules could have prevented it)."""
+        out = []
+        for t in self.turns():
+            if t.cls == "main" and t.client_loss:
+                out.append(t)
+            elif cross and t.cross_loss and volatile.rule_for_cause(t.cause or "") is not None:
+                out.append(t)
+        return out
 
 
 #: record fields the report never reads; dropped so memory grows by a few hundred bytes per request,

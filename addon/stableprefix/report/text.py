@@ -191,12 +191,20 @@ def by_rule(counts: Counter[str] | dict[str, int]) -> str:
     return " (" + ", ".join(f"{k} {fmt(v, True)}" for k, v in sorted(counts.items())) + ")"
 
 
-def check_lines(report: Report) -> list[str]:
-    """One line per main-thread turn that lost its prefix for a client-side cause."""
+def check_lines(report: Report, cross: bool = False) -> list[str]:
+    """One line per main-thread turn that lost its prefix for a client-side cause (with `cross`, also per
+    conversation start that lost a shared prefix to a cause a built-in rule removes)."""
     out = []
-    for t in report.offences():
+    for t in report.offences(cross):
         loss, est = t.lost()
         lost = f", {fmt(loss, est)} tokens reprocessed" if loss is not None else ""
+        if t.verdict == "first":
+            out.append(
+                f"{t.where}: {t.cls} stream {t.stream_short()} started without the prefix it shares with stream "
+                f"{str(t.rec.get('nearest_stream'))[:12]}: diverged at {t.location()} "
+                f"(cause {t.cause}, rule {volatile.rule_for_cause(t.cause or '')}){lost}"
+            )
+            continue
         out.append(
             f"{t.where}: main turn {t.n} of stream {t.stream_short()} lost its prefix at {t.location()} "
             f"(cause {t.cause}){lost}"
