@@ -60,29 +60,29 @@ def test_session_main_stream_table_exact() -> None:
         f"stream a1b2c3d4e5f6 · main · 6 requests · session 0b1c2d3e4f50 · host 127.0.0.1 · from {SESSION}:1"
     )
     assert lines[i + 1 : i + 8] == [
-        "  #  class  verdict      msgs kept  diverged at             cause             reused/prompt   lost  miss    rules",
-        "  1  main   first                -  -                       -                       0/3,100      -  -       billing=1",
-        "  2  main   append-only        1/3  -                       -                   3,100/3,300      -  -       billing=1",
-        "  3  main   changed            0/5  system[2]@1480          git_status            770/3,550  2,530  client  billing=1",
-        "  4  main   append-only        5/7  -                       -                   3,550/3,750      -  -       billing=1",
-        "  5  main   changed            1/9  messages[1].content[0]  thinking_dropped    3,100/3,870    650  client  billing=1",
-        "  6  main   append-only       9/11  -                       -                     100/4,120      -  server  billing=1",
+        "  #  class  verdict      msgs kept  diverged at             cause             reused/prompt  allowed   lost  miss                       rules",
+        "  1  main   first                -  -                       -                       0/3,100        -      -  -                          billing=1",
+        "  2  main   append-only        1/3  -                       -                   3,100/3,300   ~3,100      -  -                          billing=1",
+        "  3  main   changed            0/5  system[2]@1480          git_status            770/3,550     ~770  2,530  client                     billing=1",
+        "  4  main   append-only        5/7  -                       -                   3,550/3,750   ~3,550      -  -                          billing=1",
+        "  5  main   changed            1/9  messages[1].content[0]  thinking_dropped    3,100/3,870   ~3,100    650  client                     billing=1",
+        "  6  main   append-only       9/11  -                       -                     100/4,120   ~3,870      -  server (side-interleaved)  billing=1",
     ]
 
 
 def test_session_subagent_and_side_tables() -> None:
     lines = lines_of(report_text.render_text(readers.read([SESSION], progress=False)))
     assert (
-        "  2  subagent  changed        0/3  tools (added mcp__x)  tools  ~1,250/~2,000  ~450  unknown  -"
+        "  2  subagent  changed        0/3  tools (added mcp__x)  tools  ~1,250/~2,000   ~1,250  ~450  unknown  -"
         in lines
     )
     assert "side requests and token counts: 2 requests in 2 streams" in lines
     assert (
-        "  51de51de51de  1  side          first            -  -            -              0/150     -  -     -"
+        "  51de51de51de  1  side          first            -  -            -              0/150        -     -  -     -"
         in lines
     )
     assert (
-        "  c0c0c0c0c0c0  1  count_tokens  -                -  -            -           -/~2,010     -  -     -"
+        "  c0c0c0c0c0c0  1  count_tokens  -                -  -            -           -/~2,010        -     -  -     -"
         in lines
     )
 
@@ -123,7 +123,7 @@ def test_observe_mode_would_save() -> None:
     # saved_by: 12,348 / 4 = 3,087 and 13,148 / 4 = 3,287 (no server figures): what the billing rule keeps
     text = report_text.render_text(readers.read([OBSERVE], progress=False))
     assert (
-        "  2  main   changed        0/3  system[0]@52  billing     ~13/~3,300  ~3,087  -     would: billing=1"
+        "  2  main   changed        0/3  system[0]@52  billing     ~13/~3,300      ~13  ~3,087  -     would: billing=1"
         in text
     )
     assert (

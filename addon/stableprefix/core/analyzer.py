@@ -47,9 +47,43 @@ INTERLEAVE_NOTICE = (
     "stableprefix: side requests (session titles, command checks and other short queries) ran between "
     "turns of a conversation, and the server then reused only {cached:,} of ~{expected:,} expected prompt "
     "tokens: a single-slot server evicts the conversation's cache for each side request. Remedies: give "
-    "llama-server more slots (--parallel 2 or more, with enough context per slot), keep evicted prompts "
-    "in host RAM (--cache-ram), or route side requests (the small/fast model) to another server."
+    "llama-server more slots (--parallel 2 / -np 2, with enough context per slot), keep evicted prompts "
+    "in host RAM (--cache-ram), Ollama OLLAMA_NUM_PARALLEL=2, or route side requests (the small/fast model) "
+    "to another model or server (Claude Code: ANTHROPIC_DEFAULT_HAIKU_MODEL)."
 )
+
+
+#: Server-side miss classes (the prefix was kept, the server reused less) and what to set.
+SERVER_MISS_REMEDY = {
+    "side-interleaved": (
+        "a side request (title, command check: the small/fast model) ran between turns and took the server's "
+        "only slot: llama-server --parallel 2 (-np 2; context per slot is -c / np), keep evicted prompts in "
+        "host RAM with --cache-ram MiB; Ollama OLLAMA_NUM_PARALLEL=2; or send side requests to another "
+        "model or server with Claude Code's ANTHROPIC_DEFAULT_HAIKU_MODEL (and ANTHROPIC_SMALL_FAST_MODEL)"
+    ),
+    "evicted": (
+        "another conversation (or subagent) ran between turns and evicted this one: more slots "
+        "(llama-server --parallel N / -np N; Ollama OLLAMA_NUM_PARALLEL=N), and llama-server --cache-ram MiB "
+        "to restore evicted prompts from host RAM"
+    ),
+    "not-kept": (
+        "nothing ran in between through stableprefix, yet the server did not keep the prefix: host-RAM cache "
+        "off or too small (llama-server --cache-ram MiB), a restart or model unload (Ollama OLLAMA_KEEP_ALIVE), "
+        "other clients on the same server, or a context too small for the conversation (-c)"
+    ),
+}
+
+
+def server_miss_class(record: Mapping[str, Any]) -> str | None:
+    """Why a server-side miss happened, from what ran on the same upstream since the stream's previous
+    request: ``side-interleaved``, ``evicted`` (another stream) or ``not-kept``."""
+    if record.get("miss") != "server":
+        return None
+    if record.get("interleaved_side"):
+        return "side-interleaved"
+    if record.get("interleaved_other"):
+        return "evicted"
+    return "not-kept"
 
 
 def expected_cached(record: Mapping[str, Any]) -> int:
@@ -213,7 +247,9 @@ class Analyzer:
         record["state"] = "no-response"
         answered = f"; the proxy answered {status}" if status is not None else ""
         record.setdefault("error", f"no response: {message}{answered}"[:200])
-        record.update(cached_tokens=None, prompt_tokens=None, evidence=None, miss=None)
+        record.update(
+            cached_tokens=None, prompt_tokens=None, evidence=None, miss=None, server_miss_class=None
+        )
         return record
 
     def _complete(self, record: dict[str, Any], ev: evidence.Evidence | None) -> dict[str, Any]:
@@ -224,6 +260,7 @@ class Analyzer:
             else {"cached_tokens": None, "prompt_tokens": None, "evidence": None}
         )
         record["miss"] = classify_miss(record)
+        record["server_miss_class"] = server_miss_class(record)
         self.tracker.outcome(record)
         if record["miss"] == "server" and record.get("interleaved_side"):
             with self._lock:

@@ -60,6 +60,7 @@ Record = TypedDict(
         "reusable_chars": int,
         "reusable_tokens_est": int,
         "interleaved_side": int,
+        "interleaved_other": bool,
         "nearest_stream": str | None,
         "shareable_chars": int,
         "saved_chars": int,
@@ -72,6 +73,7 @@ Record = TypedDict(
         "evidence_ignored": str,
         "evidence_from": str,
         "miss": str | None,
+        "server_miss_class": str | None,
     },
     total=False,
 )
@@ -114,6 +116,13 @@ MISS_WORDS = {
     "client": "client-side miss",
     "server": "server-side miss",
     "unknown": "server reported nothing",
+}
+
+
+SERVER_MISS_WORDS = {
+    "side-interleaved": "side request interleaved",
+    "evicted": "evicted by another conversation",
+    "not-kept": "prefix not kept by the server",
 }
 
 
@@ -207,8 +216,12 @@ def log_line(record: Mapping[str, Any]) -> str:
     miss = record.get("miss")
     if miss in MISS_WORDS:
         parts.append(MISS_WORDS[miss])
-    if record.get("interleaved_side") and miss == "server":
-        parts.append("side request interleaved")
+    if miss == "server":
+        why = record.get("server_miss_class") or (
+            "side-interleaved" if record.get("interleaved_side") else None
+        )
+        if why in SERVER_MISS_WORDS:
+            parts.append(SERVER_MISS_WORDS[why])
     return ", ".join(parts) + f" ({api}, {_rules_part(record)})"
 
 

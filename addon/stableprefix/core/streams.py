@@ -445,6 +445,7 @@ class Stream:
     last: Snapshot
     requests: int = 1
     other: Snapshot | None = None  # the last request on the other side of the rules (None: same as last)
+    host_seq: int = 0  # the host's thread-request count after this stream's last request
 
 
 @dataclass
@@ -502,6 +503,7 @@ class Tracker:
         self._by_session: dict[str, list[str]] = {}
         self._main_keys: OrderedDict[str, set[str]] = OrderedDict()  # session -> main system keys
         self._side_seq: dict[str, int] = {}  # host -> side requests seen
+        self._thread_seq: dict[str, int] = {}  # host -> main/subagent requests seen
         self._stats: OrderedDict[str, Stats] = OrderedDict()
         self._recent: OrderedDict[str, OrderedDict[str, Heads]] = OrderedDict()  # host -> stream -> heads
         self.recent_cap = RECENT_CAP
@@ -547,6 +549,7 @@ class Tracker:
                     "reusable_chars": 0,
                     "reusable_tokens_est": 0,
                     "interleaved_side": False,
+                    "interleaved_other": False,
                 }
             if cls == "side":
                 self._side_seq[host] = self._side_seq.get(host, 0) + 1
@@ -585,6 +588,14 @@ class Tracker:
             stream.requests += 0 if prev is None else 1
             self._streams.move_to_end(stream.id)
             interleaved = cls in ("main", "subagent") and prev is not None and seq > prev.side_seq
+            other_between = False
+            if cls in ("main", "subagent"):
+                before = self._thread_seq.get(host, 0)
+                other_between = prev is not None and before > stream.host_seq
+                self._thread_seq[host] = before + 1
+                stream.host_seq = before + 1
+                if len(self._thread_seq) > RECENT_HOSTS * 4:
+                    self._thread_seq.pop(next(iter(self._thread_seq)))
             key = stream.id if cls in ("main", "subagent") else f"side:{session}"
             self._count(key, cls, session, stream.id, div.verdict, interleaved)
         fields: dict[str, Any] = {
@@ -601,6 +612,7 @@ class Tracker:
             reusable_chars=div.reusable_chars,
             reusable_tokens_est=div.reusable_chars // 4,
             interleaved_side=interleaved,
+            interleaved_other=other_between,
         )
         if div.context is not None:
             fields["context"] = div.context
@@ -828,6 +840,7 @@ class Tracker:
             self._by_session.clear()
             self._main_keys.clear()
             self._side_seq.clear()
+            self._thread_seq.clear()
             self._stats.clear()
             self._recent.clear()
             self.texts.clear()

@@ -177,6 +177,27 @@ class Turn:
             r = 0
         return (self.estimate(r), True) if r is not None else (None, True)
 
+    def allowed(self) -> int | None:
+        """Tokens the client's prefix allowed the server to reuse (shared with the previous request of the
+        stream, or with the nearest earlier stream for a first request), in the server's tokens per character
+        where it reported a prompt size. An estimate; None when there is nothing to compare with."""
+        if self.cls == "count_tokens" or self.verdict not in ("append-only", "changed", "first"):
+            return None
+        if self.verdict == "first" and not self.rec.get("nearest_stream"):
+            return None
+        r = self.reusable_chars
+        return self.estimate(r) if r is not None else None
+
+    def miss_text(self) -> str:
+        """``client``, ``server (evicted)``, ``unknown`` or ``-``."""
+        miss = self.rec.get("miss")
+        if not miss:
+            return "-"
+        why = self.rec.get("server_miss_class")
+        if miss == "server" and not why and self.rec.get("interleaved_side"):
+            why = "side-interleaved"
+        return f"server ({why})" if miss == "server" and why else str(miss)
+
     @property
     def client_loss(self) -> bool:
         """The prefix changed on the client's side (not just cache markers)."""
@@ -337,6 +358,7 @@ class Totals:
     client_est: set[str] = field(default_factory=set)  # causes whose client_tokens hold an estimate
     cross_turns: int = 0  # of client_turns: first requests of a stream (cross-conversation misses)
     server_classes: Counter[str] = field(default_factory=Counter)  # server-side misses by class
+    server_class_tokens: Counter[str] = field(default_factory=Counter)
     server_turns: int = 0
     server_tokens: int = 0
     interleaved: int = 0
@@ -428,7 +450,11 @@ class Report:
                 if est and lost is not None:
                     t.client_est.add(cause)
             if (s := turn.server_lost_tokens()) is not None:
-                t.server_classes[str(r.get("server_miss_class") or "unclassified")] += 1
+                why = r.get("server_miss_class") or (
+                    "side-interleaved" if r.get("interleaved_side") else None
+                )
+                t.server_classes[str(why or "unclassified")] += 1
+                t.server_class_tokens[str(why or "unclassified")] += s
                 t.server_turns += 1
                 t.server_tokens += s
             if r.get("interleaved_side"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 from stableprefix.core import volatile
+from stableprefix.core.analyzer import SERVER_MISS_REMEDY
 from stableprefix.report.model import CLASS_ORDER
 from stableprefix.report.model import SERVER_REMEDY
 from stableprefix.report.model import Report
@@ -33,11 +34,12 @@ TURN_HEAD = [
     "diverged at",
     "cause",
     "reused/prompt",
+    "allowed",
     "lost",
     "miss",
     "rules",
 ]
-TURN_RIGHT = {0, 3, 6, 7}
+TURN_RIGHT = {0, 3, 6, 7, 8}
 
 
 def turn_row(t: Turn) -> list[str]:
@@ -60,8 +62,9 @@ def turn_row(t: Turn) -> list[str]:
         t.location(),
         t.cause or "-",
         f"{fmt(reused, r_est) if t.cls != 'count_tokens' else '-'}/{fmt(prompt, p_est)}",
+        fmt(t.allowed(), True),
         fmt(loss, loss_est) if loss is not None else "-",
-        str(t.rec.get("miss") or "-"),
+        t.miss_text(),
         rules or "-",
     ]
 
@@ -151,7 +154,13 @@ def render_totals(t: Totals) -> list[str]:
             f"  reprocessed although the prefix was kept (server-side): {fmt(t.server_tokens, True)} tokens on "
             f"{t.server_turns} turn{'s' if t.server_turns != 1 else ''}"
         )
-        out.append(f"    what to do: {SERVER_REMEDY}")
+        if set(t.server_classes) <= set(SERVER_MISS_REMEDY):
+            rows = [["class", "turns", "tokens", "what to do"]]
+            for why, n in sorted(t.server_classes.items(), key=lambda kv: -t.server_class_tokens[kv[0]]):
+                rows.append([why, str(n), fmt(t.server_class_tokens[why], True), SERVER_MISS_REMEDY[why]])
+            out += table(rows, {1, 2}, indent="    ")
+        else:
+            out.append(f"    what to do: {SERVER_REMEDY}")
     if t.interleaved:
         out.append(f"  side requests interleaved with a stream: {t.interleaved}")
     if t.rewritten:
@@ -175,6 +184,10 @@ def render_totals(t: Totals) -> list[str]:
     out.append(
         "  ~ = estimated (characters, scaled by the server's tokens per character where it reported a prompt "
         "size, else 4 per token); other figures as the server reported them."
+    )
+    out.append(
+        "  allowed = tokens the client's prefix allowed the server to reuse (shared with the previous request "
+        "of the stream, or with the nearest earlier stream for a first request)."
     )
     out.append(
         "  lost = tokens of the previous request of the stream processed again after a client-side change; on a "
