@@ -47,6 +47,7 @@ def test_observe_mode_names_billing_for_the_second_conversation_with_the_servers
     assert header[:at].startswith("x-anthropic-billing-header: cc_version=2.1.332.")
     lost, est = second.lost()
     assert lost is not None and lost > 0 and est  # scaled from the server's tokens per character
+    assert second.server_prompt is not None and second.server_cached is not None
     assert lost <= second.server_prompt - second.server_cached
 
 
