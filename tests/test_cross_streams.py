@@ -173,3 +173,14 @@ def test_when_the_prefix_was_stable_anyway_the_rules_saved_nothing() -> None:
     recs = [send(a, s.request(t)) for t in (1, 2, 3)]
     assert [r["changed"] for r in recs] == [{"billing": 1}] * 3
     assert [r["saved_chars"] for r in recs[1:]] == [0, 0]
+
+
+def test_the_log_line_scales_the_shared_prefix_by_the_servers_prompt_size() -> None:
+    """SmolLM2's template does not render the tools: the server counts far fewer tokens than chars / 4."""
+    a = Analyzer(pipeline.Settings(observe=True))
+    send(a, ONE.request(1))
+    two = send(a, TWO.request(1))
+    total = two["system_chars"] + two["tools_chars"] + sum(two["message_chars"])
+    two = {**two, "state": "answered", "status": 200, "prompt_tokens": 4000, "cached_tokens": 25}
+    more = two["shareable_chars"] - two["reusable_chars"]
+    assert f"~{round(more * 4000 / total):,} tokens more if stable" in records.log_line(two)

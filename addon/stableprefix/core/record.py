@@ -170,7 +170,16 @@ def shared_text(record: Mapping[str, Any]) -> str:
     """A first request against the nearest earlier stream: ``shares 41 chars (~10 tokens) with stream
     1a2b3c4d, diverged at system[0]@41 (billing; ~7,958 tokens more if stable)``."""
     chars = int(record.get("reusable_chars") or 0)
-    text = f"shares {chars:,} chars (~{chars // 4:,} tokens) with stream {str(record['nearest_stream'])[:8]}"
+    total = int(record.get("system_chars") or 0) + int(record.get("tools_chars") or 0)
+    total += sum(c for c in record.get("message_chars") or () if isinstance(c, int))
+    prompt = record.get("prompt_tokens")
+    # in the server's tokens per character once it reported the prompt's size (its template may drop text)
+    ratio = prompt / total if isinstance(prompt, int) and prompt > 0 and total > 0 else 0.25
+
+    def tok(n: int) -> str:
+        return f"~{round(n * ratio):,}"
+
+    text = f"shares {chars:,} chars ({tok(chars)} tokens) with stream {str(record['nearest_stream'])[:8]}"
     if record.get("diverged_at"):
         text += f", diverged at {record['diverged_at']}"
         bits = [str(record.get("cause") or "unknown")]
@@ -179,7 +188,7 @@ def shared_text(record: Mapping[str, Any]) -> str:
             bits += [f"{k} {','.join(v)}" for k, v in tc.items() if v]
         more = int(record.get("shareable_chars") or 0) - chars
         if more > 0:
-            bits.append(f"~{more // 4:,} tokens more if stable")
+            bits.append(f"{tok(more)} tokens more if stable")
         text += f" ({'; '.join(bits)})"
     return text
 
