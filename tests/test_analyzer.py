@@ -46,8 +46,13 @@ REQUEST_FIELDS = [
     "reusable_chars",
     "reusable_tokens_est",
     "interleaved_side",
+    "interleaved_other",
+    "nearest_stream",
+    "shareable_chars",
+    "saved_chars",
+    "saved_by",
 ]
-RESPONSE_FIELDS = ["status", "cached_tokens", "prompt_tokens", "evidence", "miss"]
+RESPONSE_FIELDS = ["status", "cached_tokens", "prompt_tokens", "evidence", "miss", "server_miss_class"]
 
 
 def send(

@@ -172,3 +172,57 @@ def test_bad_json_line_is_counted_not_raised() -> None:
     p = SSEParser()
     p.feed(b'data: {"usage": {"prompt_tokens": 4,\n\n')
     assert p.finish() is None and p.errors == 1
+
+
+# --- a usage block that cannot be true is no figure (issue 12, item 6) -----------------------------------
+
+ROUTER_SSE = (  # claude-code-router 2.0.0 in front of llama-server: every answer carries 0/0
+    b"event: message_start\n"
+    b'data: {"type":"message_start","message":{"id":"m","role":"assistant","usage":'
+    b'{"input_tokens":0,"output_tokens":0,"cache_read_input_tokens":0}}}\n\n'
+    b"event: message_delta\n"
+    b'data: {"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":'
+    b'{"input_tokens":0,"output_tokens":12,"cache_read_input_tokens":0}}\n\n'
+)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        ROUTER_SSE,
+        json.dumps({"usage": {"input_tokens": 0, "cache_read_input_tokens": 0, "output_tokens": 5}}).encode(),
+        json.dumps({"usage": {"prompt_tokens": 0, "prompt_tokens_details": {"cached_tokens": 0}}}).encode(),
+        json.dumps({"usage": {"prompt_tokens": 10, "prompt_tokens_details": {"cached_tokens": 50}}}).encode(),
+    ],
+)
+def test_an_impossible_usage_block_is_no_figure(body: bytes) -> None:
+    ev = evidence.from_body(body)
+    assert ev is not None
+    assert (ev.source, ev.cached_tokens) == (None, None)
+    assert ev.ignored is not None and "not a figure" in ev.ignored
+    rec = ev.as_record()
+    assert rec["evidence"] is None and rec["cached_tokens"] is None and "evidence_ignored" in rec
+
+
+def test_a_router_zero_usage_is_unknown_not_a_server_miss() -> None:
+    """Before the fix an append-only turn answered with 0/0 read "server reused 0/0, server-side miss"."""
+    from stableprefix.core import pipeline
+    from stableprefix.core.analyzer import Analyzer
+    from stableprefix.core.record import log_line
+    from stableprefix.demo import samples
+
+    a = Analyzer(pipeline.Settings())
+    s = samples.Session()
+    recs = []
+    for t in (1, 2):
+        r = a.request("POST", "127.0.0.1", "/v1/messages", json.dumps(s.request(t)).encode(), {})
+        assert r is not None
+        feed = a.sse_parser(r.record, {"content-type": "text/event-stream"}, 200)
+        feed.feed(ROUTER_SSE)
+        recs.append(feed.finish())
+    assert recs[1]["verdict"] == "append-only"
+    assert recs[1]["miss"] == "unknown"
+    assert recs[1]["cached_tokens"] is None and recs[1]["prompt_tokens"] is None
+    line = log_line(recs[1])
+    assert "server reused 0" not in line and "server-side miss" not in line
+    assert "not plausible" in line

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from stableprefix.core import pipeline
 from stableprefix.core import shapes
 from stableprefix.core import streams
+from stableprefix.core.analyzer import Analyzer
 from stableprefix.core.fingerprint import CLEARED_TOOL_RESULT
 from stableprefix.core.fingerprint import detail
 from stableprefix.core.streams import Tracker
@@ -503,3 +504,83 @@ def test_summary_rows_and_reset() -> None:
     t.reset()
     assert t.summary() == [] and len(t) == 0
     assert observe(t, turn(4))["verdict"] == "first"
+
+
+# --- streams without a session header (issue 12, item 6) ---------------------------------------------------
+
+
+def test_a_new_conversation_with_the_same_first_prompt_is_a_new_stream() -> None:
+    """Behind a router no session id arrives; the second conversation's first request once joined the first
+    conversation's stream as "changed at messages[1] (unknown)", a client-side miss that never happened."""
+    t = Tracker()
+    s = samples.Session()
+    bodies = [s.request(k) for k in (1, 2, 3)]
+    for b in bodies:
+        b.pop("metadata")
+    r1, r2, r3 = (observe(t, b) for b in bodies)
+    assert (r2["verdict"], r3["verdict"]) == ("append-only", "append-only")
+    again = observe(t, copy.deepcopy(bodies[0]))  # a new conversation, the same first prompt
+    assert again["verdict"] == "first"
+    assert again["stream"] != r1["stream"]
+    assert again["diverged_at"] is None and again["cause"] is None
+    assert again["nearest_stream"] == r1["stream"]  # it shares all of itself with that stream's start
+    whole = again["system_chars"] + again["tools_chars"] + sum(again["message_chars"])
+    assert again["reusable_chars"] == again["shareable_chars"] == whole
+    assert r1["nearest_stream"] is None and r1["reusable_chars"] == 0
+    # the first conversation goes on in its own stream
+    r4 = observe(t, _no_meta(s.request(4)))
+    assert (r4["stream"], r4["verdict"]) == (r1["stream"], "append-only")
+
+
+def _no_meta(body: dict[str, Any]) -> dict[str, Any]:
+    body.pop("metadata", None)
+    return body
+
+
+def test_a_rewind_that_keeps_an_assistant_turn_stays_in_its_stream() -> None:
+    t = Tracker()
+    s = samples.Session()
+    first = observe(t, _no_meta(s.request(4)))
+    r = observe(t, _no_meta(s.request(2)))
+    assert (r["stream"], r["verdict"], r["diverged_at"]) == (first["stream"], "changed", "messages[3]")
+
+
+def chat(text: str, key: str | None, answers: int = 0) -> dict[str, Any]:
+    """An OpenAI Chat request as LiteLLM forwards Claude Code's (prompt_cache_key per conversation)."""
+    messages: list[dict[str, Any]] = [
+        {"role": "system", "content": samples.instructions(6000)},
+        {"role": "user", "content": text},
+    ]
+    for i in range(answers):
+        messages += [{"role": "assistant", "content": f"step {i}"}, {"role": "user", "content": f"go on {i}"}]
+    tools = [
+        {"type": "function", "function": {"name": n, "parameters": {"type": "object"}}}
+        for n in ("Bash", "Read", "Edit", "Grep")
+    ]
+    body: dict[str, Any] = {"model": "m", "max_tokens": 4096, "messages": messages, "tools": tools}
+    if key is not None:
+        body["prompt_cache_key"] = key
+    return body
+
+
+def analyse(a: Analyzer, body: dict[str, Any], headers: dict[str, str] | None = None) -> dict[str, Any]:
+    r = a.request("POST", "127.0.0.1", "/v1/chat/completions", json.dumps(body).encode(), headers or {})
+    assert r is not None
+    return r.record
+
+
+def test_litellm_prompt_cache_key_separates_conversations() -> None:
+    a = Analyzer()
+    a1 = analyse(a, chat("Fix the parser", "conv-a"))
+    b1 = analyse(a, chat("Fix the parser", "conv-b"))
+    a2 = analyse(a, chat("Fix the parser", "conv-a", answers=1))
+    assert a1["session"] is not None and b1["session"] is not None and a1["session"] != b1["session"]
+    assert b1["stream"] != a1["stream"] and b1["verdict"] == "first"
+    assert (a2["stream"], a2["verdict"]) == (a1["stream"], "append-only")
+    # the key itself is never logged, only a hash of it
+    assert "conv-a" not in json.dumps(a1)
+
+
+def test_a_session_header_wins_over_prompt_cache_key() -> None:
+    r = analyse(Analyzer(), chat("Fix the parser", "conv-a"), {"X-Claude-Code-Session-Id": "s1"})
+    assert r["session"] == pipeline.fingerprint_session("s1")

@@ -395,7 +395,8 @@ def test_demo_prints_hashes_then_the_report(tmp_path: Path) -> None:
     assert "=== stableprefix report: Without the addon (observe mode: nothing rewritten) ===" in out
     assert "=== stableprefix report: With the addon ===" in out
     without, with_ = out.split("=== stableprefix report: With the addon ===")
-    assert re.search(r"billing +4 +~[\d,]+ ", without)  # every later turn lost its prefix to billing
+    # every later turn lost its prefix to billing, and so did B1 against conversation A (issue 12)
+    assert re.search(r"billing +5 +~?[\d,]+ ", without)
     assert "turns after the first of their stream: 4 (append-only 4, changed 0)" in with_
     assert page.read_text().count("<svg") == 4
 

@@ -185,7 +185,9 @@ def test_planted_changes_are_located_and_explained(mitm: Any, upstream: Upstream
         # label: class, verdict, diverged_at, cause, common_prefix_messages, interleaved_side, miss
         "T1": ("main", "first", None, None, 0, False, None),
         "T2": ("main", "append-only", None, None, 1, False, None),
-        "S1": ("subagent", "first", None, None, 0, False, None),
+        # a first request is compared with the nearest earlier stream (issue 12): the subagent's own system
+        # prompt after the identity block, fewer tools
+        "S1": ("subagent", "first", "system[1]@0", "system", 0, False, None),
         "S2": ("subagent", "append-only", None, None, 1, False, None),
         "T3": ("main", "append-only", None, None, 3, False, "server"),  # the subagent took the one slot
         "T4": ("main", "changed", "GIT", "git_status", 0, False, "client"),
@@ -193,9 +195,9 @@ def test_planted_changes_are_located_and_explained(mitm: Any, upstream: Upstream
         "C1": ("count_tokens", None, None, None, 0, False, None),
         "T6": ("main", "changed", "tools", "tools", 0, False, "client"),
         "T7": ("main", "append-only", None, None, 11, False, None),
-        "X1": ("side", "first", None, None, 0, False, None),
+        "X1": ("side", "first", "system[0]@0", "system", 0, False, None),  # against the main thread
         "T8": ("main", "append-only", None, None, 13, True, "server"),
-        "X2": ("side", "first", None, None, 0, False, None),
+        "X2": ("side", "first", "messages[0].content[0]", "conversation", 0, False, None),  # against X1
         "T9": ("main", "append-only", None, None, 15, True, "server"),
         "T10": ("main", "changed", "messages[0].content[0]", "date", 0, False, "client"),
         "T11": ("main", "changed", "messages[1].content[0]", "thinking_dropped", 1, False, "client"),
@@ -217,7 +219,9 @@ def test_planted_changes_are_located_and_explained(mitm: Any, upstream: Upstream
     assert by["S1"]["stream"] == by["S2"]["stream"] != main
     assert by["X1"]["stream"] not in (main, by["S1"]["stream"])
     assert by["T6"]["tools_changed"] == {"added": ["mcp__jira__search"], "removed": [], "changed": []}
-    assert all("tools_changed" not in r for label, r in by.items() if label != "T6")
+    # S1 and X1 (first requests) name the tools they lack against the nearest earlier stream, the main one
+    assert all("tools_changed" not in r for label, r in by.items() if label not in ("T6", "S1", "X1"))
+    assert by["S1"]["tools_changed"]["removed"] and by["S1"]["nearest_stream"] == main
     assert all(r["rewritten"] and r["changed"] == {"billing": 1} for label, r in by.items() if label != "C1")
 
     # the numbers that make T3/T8/T9 server-side misses: the server reused almost nothing of a stable prefix

@@ -82,8 +82,10 @@ do about each, server-side misses, and what the rules saved (or would save, for 
 them). '~' marks estimates (4 characters per token).
 
 exit status: 0 report written; 1 with --check when a main-thread turn lost its prefix to a client-side
-change; 2 when a file is missing or unreadable, a log line is not JSON, or a flow file cannot be read (one
-line per problem on stderr, naming the file and line or flow; everything readable is still reported).
+change (with --cross also when a conversation's first request lost a prefix shared with an earlier one to a
+cause a built-in rule removes); 2 when a file is missing or unreadable, a log line is not JSON, or a flow
+file cannot be read (one line per problem on stderr, naming the file and line or flow; everything readable
+is still reported). --json prints one JSON document instead of the text (docs/report-json.md).
 """
 
 REPORT_EPILOG = """\
@@ -92,6 +94,8 @@ examples:
   mitmdump --mode reverse:http://127.0.0.1:8080 -p 8787 -w session.mitm     # record without the addon
   stableprefix report session.mitm --html report.html
   stableprefix report --check ~/stableprefix.jsonl && echo "prefix stable"
+  stableprefix report --check --cross ~/stableprefix.jsonl     # conversation starts too
+  stableprefix report --json ~/stableprefix.jsonl > report.json  # schema: docs/report-json.md
 """
 
 DEMO_DESCRIPTION = """\
@@ -191,6 +195,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print only the main-thread turns that lost their prefix to a client-side change "
         "(one line each); exit 1 if there is any, else 0",
+    )
+    rep.add_argument(
+        "--cross",
+        action="store_true",
+        help="with --check: also fail on a conversation's first request (main or subagent) that lost the prefix "
+        "it shares with an earlier conversation to a cause a built-in rule removes (e.g. billing)",
+    )
+    rep.add_argument(
+        "--json",
+        action="store_true",
+        help="print the report as one JSON document (schema: docs/report-json.md) instead of text",
     )
     rep.add_argument(
         "--progress",
@@ -482,8 +497,20 @@ def cmd_report(args: argparse.Namespace) -> int:
             return 2
         err(f"wrote {args.html}")
     try:
-        if args.check:
-            lines = report_text.check_lines(rep)
+        if args.json:
+            import json
+
+            from stableprefix.report import jsondoc
+
+            doc = jsondoc.document(rep)
+            if args.check:
+                lines = report_text.check_lines(rep, cross=args.cross)
+                doc["check"] = {"cross": args.cross, "failed": lines}
+                code = 1 if lines else 0
+            json.dump(doc, sys.stdout, ensure_ascii=False, indent=1)
+            sys.stdout.write("\n")
+        elif args.check:
+            lines = report_text.check_lines(rep, cross=args.cross)
             for line in lines:
                 print(line)
             if not lines:

@@ -50,9 +50,43 @@ INTERLEAVE_NOTICE = (
     "stableprefix: side requests (session titles, command checks and other short queries) ran between "
     "turns of a conversation, and the server then reused only {cached:,} of ~{expected:,} expected prompt "
     "tokens: a single-slot server evicts the conversation's cache for each side request. Remedies: give "
-    "llama-server more slots (--parallel 2 or more, with enough context per slot), keep evicted prompts "
-    "in host RAM (--cache-ram), or route side requests (the small/fast model) to another server."
+    "llama-server more slots (--parallel 2 / -np 2, with enough context per slot), keep evicted prompts "
+    "in host RAM (--cache-ram), Ollama OLLAMA_NUM_PARALLEL=2, or route side requests (the small/fast model) "
+    "to another model or server (Claude Code: ANTHROPIC_DEFAULT_HAIKU_MODEL)."
 )
+
+
+#: Server-side miss classes (the prefix was kept, the server reused less) and what to set.
+SERVER_MISS_REMEDY = {
+    "side-interleaved": (
+        "a side request (title, command check: the small/fast model) ran between turns and took the server's "
+        "only slot: llama-server --parallel 2 (-np 2; context per slot is -c / np), keep evicted prompts in "
+        "host RAM with --cache-ram MiB; Ollama OLLAMA_NUM_PARALLEL=2; or send side requests to another "
+        "model or server with Claude Code's ANTHROPIC_DEFAULT_HAIKU_MODEL (and ANTHROPIC_SMALL_FAST_MODEL)"
+    ),
+    "evicted": (
+        "another conversation (or subagent) ran between turns and evicted this one: more slots "
+        "(llama-server --parallel N / -np N; Ollama OLLAMA_NUM_PARALLEL=N), and llama-server --cache-ram MiB "
+        "to restore evicted prompts from host RAM"
+    ),
+    "not-kept": (
+        "nothing ran in between through stableprefix, yet the server did not keep the prefix: host-RAM cache "
+        "off or too small (llama-server --cache-ram MiB), a restart or model unload (Ollama OLLAMA_KEEP_ALIVE), "
+        "other clients on the same server, or a context too small for the conversation (-c)"
+    ),
+}
+
+
+def server_miss_class(record: Mapping[str, Any]) -> str | None:
+    """Why a server-side miss happened, from what ran on the same upstream since the stream's previous
+    request: ``side-interleaved``, ``evicted`` (another stream) or ``not-kept``."""
+    if record.get("miss") != "server":
+        return None
+    if record.get("interleaved_side"):
+        return "side-interleaved"
+    if record.get("interleaved_other"):
+        return "evicted"
+    return "not-kept"
 
 
 def expected_cached(record: Mapping[str, Any]) -> int:
@@ -146,11 +180,50 @@ class Analyzer:
             else shapes.parts(shapes.Api(result.record["api"]), result.body)
         )
         detail = fingerprint.detail(parts, result.body, result.fingerprint.message_bytes)
+        streams.adopt_session(result.record, result.body)
+        rec = fwd.record
+        counterpart = self._counterpart(
+            result, detail, parts, "POST", rec["host"], rec["path"], fwd.raw, fwd.headers
+        )
         fields = self.tracker.observe(
-            result.record, detail, parts, _max_tokens(result.body), context=self.log_context
+            result.record, detail, parts, _max_tokens(result.body), self.log_context, counterpart
         )
         result.record.update(fields)
         return result
+
+    def _counterpart(
+        self,
+        result: pipeline.Result,
+        detail: fingerprint.Detail,
+        parts: shapes.Parts,
+        method: str,
+        host: str,
+        path: str,
+        raw: bytes,
+        headers: Mapping[str, str] | None,
+    ) -> streams.Counterpart | None:
+        """The request on the other side of the rules, for the savings: what the client sent (active mode),
+        or what the rules would forward (observe mode: the rules are run once more, rewriting nothing)."""
+        rec = result.record
+        if rec.get("passthrough"):
+            return None
+        observe = self.settings.observe
+        fired = rec.get("would_change") if observe else rec.get("changed")
+        if not fired:
+            return streams.Counterpart(rec, detail, parts.system, not observe)
+        if not observe:
+            if result.original_body is None:
+                return None
+            before = shapes.parts(shapes.Api(rec["api"]), result.original_body)
+            fp = fingerprint.fingerprint(before)
+            d = fingerprint.detail(before, result.original_body, fp.message_bytes)
+            return streams.Counterpart(fp.as_record(), d, before.system, True, tuple(fired))
+        active = pipeline.Settings(self.settings.rules, False, self.settings.passthrough)
+        after = pipeline.process(method, host, path, raw, active, headers or {}, self.sticky)
+        if after is None or after.body is None or after.fingerprint is None or after.parts is None:
+            return None
+        d = fingerprint.detail(after.parts, after.body, after.fingerprint.message_bytes)
+        return streams.Counterpart(after.fingerprint.as_record(), d, after.parts.system, False, tuple(fired))
 
     # --- response ---------------------------------------------------------------------------------------
 
@@ -160,6 +233,24 @@ class Analyzer:
         """Add the server's evidence (from a JSON body or the SSE text) and the miss class to `record`."""
         record["status"] = status
         return self._complete(record, evidence.from_body(body))
+
+    def recorded(self, record: dict[str, Any], status: int, saved: Mapping[str, Any]) -> dict[str, Any]:
+        """Complete `record` with the server figures of a record saved earlier (the addon's record in a flow
+        file's metadata) when the response body itself is gone (a streamed response is not stored)."""
+        record["status"] = status
+        cached, prompt = saved.get("cached_tokens"), saved.get("prompt_tokens")
+        ok = [
+            v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0) for v in (cached, prompt)
+        ]
+        ev = None
+        if all(ok) and (cached is not None or prompt is not None):
+            source = saved.get("evidence") if cached is not None else None
+            ev = evidence.Evidence(str(source) if source else None, prompt, cached)
+            if ev.source is None and cached is not None:
+                ev = evidence.Evidence("recorded", prompt, cached)
+        elif saved.get("evidence_ignored"):
+            ev = evidence.Evidence(None, None, None, str(saved["evidence_ignored"])[:200])
+        return self._complete(record, ev)
 
     def sse_parser(
         self, record: dict[str, Any], headers: Mapping[str, str] | None = None, status: int = 200
@@ -174,7 +265,9 @@ class Analyzer:
         record["state"] = "no-response"
         answered = f"; the proxy answered {status}" if status is not None else ""
         record.setdefault("error", f"no response: {message}{answered}"[:200])
-        record.update(cached_tokens=None, prompt_tokens=None, evidence=None, miss=None)
+        record.update(
+            cached_tokens=None, prompt_tokens=None, evidence=None, miss=None, server_miss_class=None
+        )
         return record
 
     def _complete(self, record: dict[str, Any], ev: evidence.Evidence | None) -> dict[str, Any]:
@@ -185,6 +278,7 @@ class Analyzer:
             else {"cached_tokens": None, "prompt_tokens": None, "evidence": None}
         )
         record["miss"] = classify_miss(record)
+        record["server_miss_class"] = server_miss_class(record)
         self.tracker.outcome(record)
         if record["miss"] == "server" and record.get("interleaved_side"):
             with self._lock:

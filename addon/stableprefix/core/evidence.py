@@ -11,7 +11,9 @@ Sources, by the name recorded in ``evidence``:
 
 When a body carries several (llama.cpp sends timings and usage), the first in that order wins. A server that
 reports a prompt size but no cache figure gives ``prompt_tokens`` without ``cached_tokens``: that is
-"unknown", not a miss. The SSE parser sees a copy of the chunks as they pass; it keeps only the current
+"unknown", not a miss. A usage block that cannot be true is no figure either: a prompt of 0 tokens (every
+request renders at least a template; claude-code-router answers every request with ``input_tokens: 0,
+cache_read_input_tokens: 0``) or more tokens reused than the prompt holds; `Evidence.ignored` says why. The SSE parser sees a copy of the chunks as they pass; it keeps only the current
 partial line and decodes JSON only for lines that mention usage figures.
 """
 
@@ -32,13 +34,26 @@ class Evidence:
     source: str | None  # None: the server reported no cache figure
     prompt_tokens: int | None
     cached_tokens: int | None
+    ignored: str | None = None  # a usage block that was there but cannot be true: why it is no figure
 
     def as_record(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "cached_tokens": self.cached_tokens,
             "prompt_tokens": self.prompt_tokens,
             "evidence": self.source if self.cached_tokens is not None else None,
         }
+        if self.ignored is not None:
+            out["evidence_ignored"] = self.ignored
+        return out
+
+
+def implausible(source: str, prompt: int | None, cached: int | None) -> str | None:
+    """Why a usage figure cannot be true for a non-empty prompt (None: it can)."""
+    if prompt == 0:
+        return f"{source}: 0 prompt tokens reported (a placeholder, e.g. a router's), not a figure"
+    if prompt is not None and cached is not None and cached > prompt:
+        return f"{source}: {cached} tokens reused of a {prompt}-token prompt, not a figure"
+    return None
 
 
 def _int(v: Any) -> int | None:
@@ -93,6 +108,7 @@ class Collector:
 
     def result(self) -> Evidence | None:
         best: Evidence | None = None
+        ignored: str | None = None
         for source in SOURCES:
             f = self.found.get(source)
             if not f:
@@ -104,11 +120,16 @@ class Collector:
                 total = sum(known) if f.get("fresh") is not None else None
             else:
                 total = f.get("total")
+            if (why := implausible(source, total, cached)) is not None:
+                ignored = ignored or why
+                continue
             ev = Evidence(source, total, cached)
             if cached is not None:
                 return ev
             if best is None and total is not None:
                 best = Evidence(None, total, None)
+        if ignored is not None:
+            return Evidence(None, best.prompt_tokens if best else None, None, ignored)
         return best
 
 

@@ -55,13 +55,21 @@ Record = TypedDict(
         "reusable_chars": int,
         "reusable_tokens_est": int,
         "interleaved_side": int,
+        "interleaved_other": bool,
+        "nearest_stream": str | None,
+        "shareable_chars": int,
+        "saved_chars": int,
+        "saved_by": dict[str, int],
         "context": str,
         "affinity": str,
         "status": int | None,
         "cached_tokens": int | None,
         "prompt_tokens": int | None,
         "evidence": str | None,
+        "evidence_ignored": str,
+        "evidence_from": str,
         "miss": str | None,
+        "server_miss_class": str | None,
     },
     total=False,
 )
@@ -113,6 +121,13 @@ MISS_WORDS = {
 }
 
 
+SERVER_MISS_WORDS = {
+    "side-interleaved": "side request interleaved",
+    "evicted": "evicted by another conversation",
+    "not-kept": "prefix not kept by the server",
+}
+
+
 def _rules_part(record: Mapping[str, Any]) -> str:
     changed = record.get("changed") or {}
     would = record.get("would_change") or {}
@@ -149,8 +164,35 @@ def verdict_text(record: Mapping[str, Any]) -> str:
                 text += " [tools " + "; ".join(bits) + "]"
         return f"{text} {common}/{total} msgs"
     if verdict == "first":
-        return f"first {total} msgs"
+        return f"first {total} msgs" + (f", {shared_text(record)}" if record.get("nearest_stream") else "")
     return f"{total} msgs"
+
+
+def shared_text(record: Mapping[str, Any]) -> str:
+    """A first request against the nearest earlier stream: ``shares 41 chars (~10 tokens) with stream
+    1a2b3c4d, diverged at system[0]@41 (billing; ~7,958 tokens more if stable)``."""
+    chars = int(record.get("reusable_chars") or 0)
+    total = int(record.get("system_chars") or 0) + int(record.get("tools_chars") or 0)
+    total += sum(c for c in record.get("message_chars") or () if isinstance(c, int))
+    prompt = record.get("prompt_tokens")
+    # in the server's tokens per character once it reported the prompt's size (its template may drop text)
+    ratio = prompt / total if isinstance(prompt, int) and prompt > 0 and total > 0 else 0.25
+
+    def tok(n: int) -> str:
+        return f"~{round(n * ratio):,}"
+
+    text = f"shares {chars:,} chars ({tok(chars)} tokens) with stream {str(record['nearest_stream'])[:8]}"
+    if record.get("diverged_at"):
+        text += f", diverged at {record['diverged_at']}"
+        bits = [str(record.get("cause") or "unknown")]
+        tc = record.get("tools_changed")
+        if tc:
+            bits += [f"{k} {','.join(v)}" for k, v in tc.items() if v]
+        more = int(record.get("shareable_chars") or 0) - chars
+        if more > 0:
+            bits.append(f"{tok(more)} tokens more if stable")
+        text += f" ({'; '.join(bits)})"
+    return text
 
 
 def server_text(record: Mapping[str, Any]) -> str:
@@ -165,6 +207,8 @@ def server_text(record: Mapping[str, Any]) -> str:
         return f"server reused {cached:,}/{prompt:,}" if prompt is not None else f"server reused {cached:,}"
     if prompt is not None:
         return f"server: {prompt:,} prompt tokens, no cache figure"
+    if record.get("evidence_ignored"):
+        return f"server: HTTP {record['status']}, no cache figure (usage block not plausible, ignored)"
     return f"server: HTTP {record['status']}, no cache figure"
 
 
@@ -183,8 +227,12 @@ def log_line(record: Mapping[str, Any]) -> str:
     miss = record.get("miss")
     if miss in MISS_WORDS:
         parts.append(MISS_WORDS[miss])
-    if record.get("interleaved_side") and miss == "server":
-        parts.append("side request interleaved")
+    if miss == "server":
+        why = record.get("server_miss_class") or (
+            "side-interleaved" if record.get("interleaved_side") else None
+        )
+        if why in SERVER_MISS_WORDS:
+            parts.append(SERVER_MISS_WORDS[why])
     return ", ".join(parts) + f" ({api}, {_rules_part(record)})"
 
 
@@ -196,6 +244,8 @@ def comment(record: Mapping[str, Any]) -> str:
     text = f"stableprefix: {record.get('class')} {verdict}"
     if verdict == "changed":
         text += f" at {record.get('diverged_at')} ({record.get('cause')})"
+    elif verdict == "first" and record.get("nearest_stream"):
+        text += f"; {shared_text(record)}"
     if record.get("miss") in ("server", "client"):
         text += f"; {MISS_WORDS[record['miss']]}"
     return text

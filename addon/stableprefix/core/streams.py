@@ -1,13 +1,17 @@
 """Conversations ("streams"), request classes and where a request diverged from the previous one.
 
 A request belongs to a stream: the requests of one conversation thread, in order. Streams are grouped by the
-client's session id (``X-Claude-Code-Session-Id`` or ``metadata.user_id``; without one, all requests share
-one pool) and, inside a session, by content:
+client's session id (``X-Claude-Code-Session-Id`` or ``metadata.user_id``; behind a router that drops both,
+the per-conversation ``prompt_cache_key`` LiteLLM sends, see `adopt_session`; without any, all requests
+share one pool) and, inside a session, by content:
 
 - ``count_tokens`` requests are recorded but never compared and never become a baseline;
 - ``side`` requests (title generation, command-prefix checks and other short side queries: at most two
   tools and a small system prompt or a small ``max_tokens``) get streams of their own, apart from the
   main thread and the subagents;
+- a request that holds only its first user turn (no assistant message yet) never joins a stream whose last
+  request is longer: it is a new conversation that starts like an earlier one (the same first prompt), not
+  that conversation rewound;
 - every other request joins the stream whose last request shares the longest prefix with it (its chain),
   or failing that the same first message, or the same first message once volatile items (date, reminders)
   are masked; otherwise it starts a new stream. The first such stream of a session is ``main``; a later
@@ -29,6 +33,8 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass
 from dataclasses import field
 from typing import Any
@@ -45,8 +51,28 @@ STATS_CAP = 4096  # summary rows
 SIDE_MAX_TOOLS = 2
 SIDE_MAX_SYSTEM_CHARS = 4000
 SIDE_MAX_TOKENS = 1024
+RECENT_CAP = 64  # stream heads kept per upstream host, to compare a stream's first request with
+RECENT_HOSTS = 64  # upstream hosts with recent heads kept
+HEAD_MESSAGES = 4  # messages of a head kept (a new conversation shares at most its first few)
 CONTEXT_CHARS = 40  # each side of the divergence, in the opt-in masked snippet
 THINKING = frozenset({"thinking", "redacted_thinking"})
+
+
+#: body keys that name a conversation when no session header arrives (LiteLLM: one per conversation)
+SESSION_KEYS = ("prompt_cache_key",)
+#: message roles (or item types) that show a conversation already had a model turn
+CONTINUED = frozenset({"assistant", "model", "tool", "function", "function_call", "function_call_output"})
+
+
+def adopt_session(record: dict[str, Any], body: Any) -> None:
+    """Set ``record["session"]`` from what the body itself carries when the client sent no session id."""
+    if record.get("session") or not isinstance(body, dict):
+        return
+    for key in SESSION_KEYS:
+        value = body.get(key)
+        if isinstance(value, str) and value:
+            record["session"] = hashlib.sha256(f"{key}:{value}".encode()).hexdigest()[:12]
+            return
 
 
 def request_class(api: str, tool_count: int, system_chars: int, max_tokens: Any) -> str | None:
@@ -125,6 +151,24 @@ class Snapshot:
     def first(self) -> Message | None:
         return self.detail.messages[0] if self.detail.messages else None
 
+    def total_chars(self) -> int:
+        return self.system_chars + self.tools_chars + sum(self.message_chars)
+
+    def head(self) -> Snapshot:
+        """This snapshot cut to its first `HEAD_MESSAGES` messages: what a later stream may share with it."""
+        n = HEAD_MESSAGES
+        if len(self.chain) <= n:
+            return self
+        d = self.detail
+        cut = Detail(d.system, d.tools, d.messages[:n], d.system_key, d.markers_hash)
+        return Snapshot(self.system_hash, self.tools_hash, self.params_hash, self.chain[:n], cut,
+                        self.system_chars, self.tools_chars, self.message_chars[:n], self.side_seq)  # fmt: skip
+
+    @property
+    def fresh(self) -> bool:
+        """Only the first user turn: no assistant message (or tool round) yet."""
+        return not any(m.role in CONTINUED for m in self.detail.messages)
+
 
 @dataclass
 class Divergence:
@@ -135,6 +179,94 @@ class Divergence:
     tools_changed: dict[str, list[str]] | None = None
     reusable_chars: int = 0
     context: dict[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class Counterpart:
+    """The same request on the other side of the rules: before the rewrite when the tracker was given the
+    forwarded request (active mode), after it when given what the client sent (observe mode)."""
+
+    record: dict[str, Any]  # the fingerprint fields (system_hash, tools_hash, params_hash, chain, sizes)
+    detail: Detail
+    system_texts: list[str]
+    is_before: bool
+    fired: tuple[str, ...] = ()  # the rules that changed (or would change) the request
+
+
+@dataclass
+class Heads:
+    """A stream's recent prefix, as analysed and on the other side of the rules (same object when equal)."""
+
+    stream: str
+    cls: str
+    head: Snapshot
+    other: Snapshot
+
+
+def stable_chars(old: Snapshot, new: Snapshot) -> int:
+    """Characters of `new`'s prefix it would share with `old` if the known volatile items were equal."""
+    a, b = old.detail.system, new.detail.system
+    chars = 0
+    for x, y in zip(a, b, strict=False):
+        if x.hash != y.hash and not any(
+            (m := x.mask(c)) is not None and m == y.mask(c) for c in volatile.text_causes()
+        ):
+            return chars
+        chars += y.chars
+    if len(a) != len(b):
+        return chars
+    if old.tools_hash != new.tools_hash:
+        i = 0
+        while (
+            i < min(len(old.detail.tools), len(new.detail.tools))
+            and old.detail.tools[i] == new.detail.tools[i]
+        ):
+            i += 1
+        return chars + sum(c for _, _, c in new.detail.tools[:i])
+    chars += new.tools_chars
+    if old.params_hash != new.params_hash:
+        return chars
+    for om, nm in zip(old.detail.messages, new.detail.messages, strict=False):
+        if om.hash != nm.hash and om.key != nm.key:
+            break
+        chars += nm.chars
+    return chars
+
+
+def _nearest_head(
+    heads: Mapping[str, Heads],
+    own: str,
+    new: Snapshot,
+    side: Callable[[Heads], Snapshot],
+    texts: TextStore | None = None,
+    new_texts: list[str] | None = None,
+) -> Heads | None:
+    """The head sharing the longest prefix with `new` (the most recent on ties). A head with `new`'s system,
+    tools and parameters beats any other (it shares all of them), and among those the most messages win;
+    otherwise only the most recent head of each distinct system/tools/parameters is compared."""
+    same: tuple[int, Heads] | None = None
+    others: dict[tuple[str, str, str], Heads] = {}
+    key = new.head_equal_key
+    for h in reversed(list(heads.values())):
+        if h.stream == own:
+            continue
+        snap = side(h)
+        if snap.head_equal_key == key:
+            k = 0
+            while k < min(len(snap.chain), len(new.chain)) and snap.chain[k] == new.chain[k]:
+                k += 1
+            if same is None or k > same[0]:
+                same = (k, h)
+        elif same is None:
+            others.setdefault(snap.head_equal_key, h)
+    if same is not None:
+        return same[1]
+    best: tuple[int, Heads] | None = None
+    for h in others.values():
+        chars = diverge(side(h), new, texts, new_texts).reusable_chars
+        if best is None or chars > best[0]:
+            best = (chars, h)
+    return best[1] if best is not None else None
 
 
 class TextStore:
@@ -311,6 +443,8 @@ class Stream:
     cls: str
     last: Snapshot
     requests: int = 1
+    other: Snapshot | None = None  # the last request on the other side of the rules (None: same as last)
+    host_seq: int = 0  # the host's thread-request count after this stream's last request
 
 
 @dataclass
@@ -368,7 +502,10 @@ class Tracker:
         self._by_session: dict[str, list[str]] = {}
         self._main_keys: OrderedDict[str, set[str]] = OrderedDict()  # session -> main system keys
         self._side_seq: dict[str, int] = {}  # host -> side requests seen
+        self._thread_seq: dict[str, int] = {}  # host -> main/subagent requests seen
         self._stats: OrderedDict[str, Stats] = OrderedDict()
+        self._recent: OrderedDict[str, OrderedDict[str, Heads]] = OrderedDict()  # host -> stream -> heads
+        self.recent_cap = RECENT_CAP
         self.texts = TextStore(text_cap)
 
     # --- request side -----------------------------------------------------------------------------------
@@ -380,12 +517,17 @@ class Tracker:
         parts: Parts,
         max_tokens: Any = None,
         context: bool = False,
+        counterpart: Counterpart | None = None,
     ) -> dict[str, Any]:
         """Assign the request to a stream, compare it with the stream's previous request, remember it.
 
         Returns the record fields: stream, class, verdict, common_prefix_messages, diverged_at,
         tools_changed (only when the tools differ), cause, reusable_chars, reusable_tokens_est,
-        interleaved_side (and context when asked).
+        interleaved_side (and context when asked). A stream's first request is compared with the nearest
+        earlier stream on the same upstream instead: nearest_stream, shareable_chars, and diverged_at, cause,
+        tools_changed, reusable_chars against it. With a `counterpart` (the request on the other side of
+        the rules) also saved_chars and saved_by: the prefix shared after the rewrite that would not have been
+        shared before it (see `savings`).
         """
         session = str(record.get("session") or "")
         host = str(record.get("host") or "")
@@ -406,6 +548,7 @@ class Tracker:
                     "reusable_chars": 0,
                     "reusable_tokens_est": 0,
                     "interleaved_side": False,
+                    "interleaved_other": False,
                 }
             if cls == "side":
                 self._side_seq[host] = self._side_seq.get(host, 0) + 1
@@ -423,13 +566,35 @@ class Tracker:
                 cls = stream.cls
                 if cls == "main":
                     self._remember_main(session, detail.system_key)
-            div = diverge(prev, new, self.texts, parts.system, parts, context)
+            other = self._other(new, counterpart, seq)
+            nearest: Heads | None = None
+            shareable = 0
+            if prev is None:
+                nearest, div = self._nearest(host, stream.id, new, parts.system, parts, context)
+                if nearest is not None:
+                    shareable = max(div.reusable_chars, stable_chars(nearest.head, new))
+            else:
+                div = diverge(prev, new, self.texts, parts.system, parts, context)
+            saved = self._saved(host, stream, prev, new, other, div, counterpart)
             for b, t in zip(detail.system, parts.system, strict=True):
                 self.texts.put(b.hash, t)
+            if counterpart is not None and other is not new:
+                for b, t in zip(counterpart.detail.system, counterpart.system_texts, strict=False):
+                    self.texts.put(b.hash, t)
             stream.last = new
+            stream.other = None if other is new else other
+            self._remember_head(host, stream, new, other)
             stream.requests += 0 if prev is None else 1
             self._streams.move_to_end(stream.id)
             interleaved = cls in ("main", "subagent") and prev is not None and seq > prev.side_seq
+            other_between = False
+            if cls in ("main", "subagent"):
+                before = self._thread_seq.get(host, 0)
+                other_between = prev is not None and before > stream.host_seq
+                self._thread_seq[host] = before + 1
+                stream.host_seq = before + 1
+                if len(self._thread_seq) > RECENT_HOSTS * 4:
+                    self._thread_seq.pop(next(iter(self._thread_seq)))
             key = stream.id if cls in ("main", "subagent") else f"side:{session}"
             self._count(key, cls, session, stream.id, div.verdict, interleaved)
         fields: dict[str, Any] = {
@@ -446,20 +611,122 @@ class Tracker:
             reusable_chars=div.reusable_chars,
             reusable_tokens_est=div.reusable_chars // 4,
             interleaved_side=interleaved,
+            interleaved_other=other_between,
         )
         if div.context is not None:
             fields["context"] = div.context
+        if div.verdict == "first":
+            fields["nearest_stream"] = nearest.stream if nearest is not None else None
+            fields["shareable_chars"] = shareable
+        if saved is not None:
+            fields["saved_chars"] = sum(saved.values())
+            fields["saved_by"] = saved
         return fields
+
+    # --- first requests: the nearest earlier stream; savings: before vs. after the rules ------------------
+
+    def _other(self, new: Snapshot, counterpart: Counterpart | None, seq: int) -> Snapshot:
+        if (
+            counterpart is None
+            or counterpart.record.get("chain") == list(new.chain)
+            and (counterpart.record.get("system_hash") == new.system_hash)
+        ):
+            return new
+        return Snapshot.of(counterpart.record, counterpart.detail, seq)
+
+    def _nearest(
+        self, host: str, own: str, new: Snapshot, texts: list[str] | None, parts: Parts | None, context: bool
+    ) -> tuple[Heads | None, Divergence]:
+        """The earlier stream on `host` whose head shares the longest prefix with `new` (most recent first
+        on ties), and the divergence from it (verdict ``first``)."""
+        best = _nearest_head(self._recent.get(host, {}), own, new, lambda h: h.head, self.texts, texts)
+        if best is None:
+            return None, Divergence("first")
+        best_div = diverge(best.head, new, self.texts, texts, parts, context)
+        if best_div.diverged_at == f"messages[{len(new.chain)}]":  # all of `new` is that stream's start
+            best_div.diverged_at, best_div.cause = None, None
+        elif best_div.cause == "unknown" and best_div.diverged_at:  # another stream: name the part
+            best_div.cause = "system" if best_div.diverged_at.startswith("system") else "conversation"
+        best_div.verdict = "first"
+        if best_div.diverged_at is None and best_div.cause == "cache_markers_only":
+            best_div.cause = None
+        return best, best_div
+
+    def _shared_other(
+        self, host: str, own: str, other: Snapshot, texts: list[str] | None
+    ) -> Divergence | None:
+        """The longest prefix `other` shares with an earlier stream's head on the other side of the rules."""
+        best = _nearest_head(self._recent.get(host, {}), own, other, lambda h: h.other, self.texts, texts)
+        return diverge(best.other, other, self.texts, texts) if best is not None else None
+
+    def _saved(
+        self,
+        host: str,
+        stream: Stream,
+        prev: Snapshot | None,
+        new: Snapshot,
+        other: Snapshot,
+        div: Divergence,
+        counterpart: Counterpart | None,
+    ) -> dict[str, int] | None:
+        """Savings of the rules on this request (None without a counterpart to compare with).
+
+        A rule's saving is the prefix shared after the rewrite that would not have been shared before it:
+        the request before the rules against the previous request of its stream before the rules (for a
+        stream's first request: the nearest earlier stream), and the same after the rules; credited to the
+        rule that removes the cause of the before-divergence (else to the rules that fired)."""
+        if counterpart is None:
+            return None
+        if other is new and (prev is None or stream.other is None):
+            return {}  # the rules changed neither this request nor the previous one: nothing to compare
+        texts = counterpart.system_texts if other is not new else None
+        if prev is None:
+            d = self._shared_other(host, stream.id, other, texts)
+        else:
+            d = diverge(stream.other if stream.other is not None else prev, other, self.texts, texts)
+        shared_other = d.reusable_chars if d is not None else 0
+        if counterpart.is_before:  # `new` is after the rules, `other` before
+            after, before, before_cause = div.reusable_chars, shared_other, d.cause if d is not None else None
+        else:
+            after, before, before_cause = shared_other, div.reusable_chars, div.cause
+        gain = max(0, after - before)
+        if gain == 0:
+            return {}
+        fired = sorted({f.split(".")[0] for f in counterpart.fired})
+        rule = volatile.rule_for_cause(before_cause or "")
+        name = rule if rule is not None and (rule in fired or not fired) else "+".join(fired) or "rules"
+        return {name: gain}
+
+    def _remember_head(self, host: str, stream: Stream, new: Snapshot, other: Snapshot) -> None:
+        heads = self._recent.get(host)
+        if heads is None:
+            heads = self._recent[host] = OrderedDict()
+            while len(self._recent) > RECENT_HOSTS:
+                self._recent.popitem(last=False)
+        self._recent.move_to_end(host)
+        h = new.head()
+        heads[stream.id] = Heads(stream.id, stream.cls, h, h if other is new else other.head())
+        heads.move_to_end(stream.id)
+        while len(heads) > self.recent_cap:
+            heads.popitem(last=False)
+
+    def recent_heads(self) -> int:
+        """Stream heads kept for first-request comparisons, over all hosts (bounded)."""
+        with self._lock:
+            return sum(len(h) for h in self._recent.values())
 
     def _match(self, session: str, family: str, new: Snapshot) -> Stream | None:
         best: Stream | None = None
         best_score = (0, 0)
         nf = new.first
+        fresh = new.fresh
         for sid in self._by_session.get(session, []):
             s = self._streams[sid]
             if ("side" if s.cls == "side" else "thread") != family:
                 continue
             old = s.last
+            if fresh and len(old.chain) > len(new.chain) and not old.fresh:
+                continue  # a new conversation starting like this one, not this one rewound
             k = 0
             while k < min(len(old.chain), len(new.chain)) and old.chain[k] == new.chain[k]:
                 k += 1
@@ -572,7 +839,9 @@ class Tracker:
             self._by_session.clear()
             self._main_keys.clear()
             self._side_seq.clear()
+            self._thread_seq.clear()
             self._stats.clear()
+            self._recent.clear()
             self.texts.clear()
 
     def __len__(self) -> int:

@@ -134,6 +134,17 @@ FIELDS: tuple[Field, ...] = (
         "tool_result_cleared", "history compaction (/compact, micro-compact): by design, nothing to rewrite"
     ),
     Field("params", "model, thinking or effort changed (/model, /effort, ultrathink)"),
+    Field(
+        "system",
+        "another system prompt than the nearest earlier conversation's (a subagent or another agent or "
+        "project): by design; the part before it is shared",
+        costs=False,
+    ),
+    Field(
+        "conversation",
+        "a new conversation: its messages differ from the nearest earlier one's; what precedes them is shared",
+        costs=False,
+    ),
     Field("unknown", "see 'diverged at' for the first differing place"),
 )
 

@@ -44,6 +44,15 @@ def render(record: Mapping[str, Any], before: Mapping[str, Any], data: bytes) ->
     lines.append(f"  common_prefix_messages: {record.get('common_prefix_messages', 0)}  # of {total}")
     chars = record.get("reusable_chars") or 0
     lines.append(f"  reusable: {chars:,} chars  # ~{record.get('reusable_tokens_est', 0):,} tokens")
+    if record.get("nearest_stream"):  # a stream's first request: compared with the nearest earlier stream
+        lines.append(f"  nearest_stream: {_v(record['nearest_stream'])}  # the fields above compare with it")
+        lines.append(
+            f"  shareable: {record.get('shareable_chars', 0):,} chars  # if the volatile items were equal"
+        )
+    if record.get("saved_by"):
+        lines.append(
+            f"  saved_by_rules: {_v(record['saved_by'])}  # chars shared only because of the rewrite"
+        )
     if record.get("tools_changed"):
         lines.append(f"  tools_changed: {_v(record['tools_changed'])}")
     if record.get("interleaved_side"):

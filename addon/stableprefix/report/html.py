@@ -119,7 +119,11 @@ def chart(stream: Stream, width: int = 1100, height: int = 260) -> str:
         tip = (
             f"turn {t.n} ({t.cls}, {t.verdict}{', cause ' + (t.cause or '') if lost else ''}): "
             f"reused {fmt(r, est)} of {fmt(p, est)} tokens"
-            + (f", ~{t.lost_tokens():,} lost to the change" if lost and t.lost_tokens() is not None else "")
+            + (
+                f", {fmt(t.lost()[0], t.lost()[1])} lost to the change"
+                if lost and t.lost_tokens() is not None
+                else ""
+            )
         )
         out.append(f"<g><title>{e(tip)}</title>")
         if r:
@@ -207,8 +211,8 @@ def cards(t: Totals) -> str:
         items.append(
             (
                 "good",
-                f"up to {fmt(t.saved, True)}",
-                f"tokens kept reusable by the rules ({t.rewritten} rewritten)",
+                fmt(t.saved, True),
+                f"tokens shared only because of the rules ({t.rewritten} rewritten)",
             )
         )
     if t.observed:
@@ -231,7 +235,7 @@ def causes(t: Totals) -> str:
     ]
     for cause, n in sorted(t.client_turns.items(), key=lambda kv: (-t.client_tokens[kv[0]], kv[0])):
         rows.append(
-            f'<tr><td>{e(cause)}</td><td class="r">{n}</td><td class="r">{e(fmt(t.client_tokens[cause], True))}</td>'
+            f'<tr><td>{e(cause)}</td><td class="r">{n}</td><td class="r">{e(fmt(t.client_tokens[cause], cause in t.client_est))}</td>'
             f"<td>{e(volatile.remedy(cause))}</td></tr>"
         )
     if t.server_turns:

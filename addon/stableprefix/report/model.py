@@ -7,24 +7,26 @@ Inputs (detected by content, not by extension):
   flow is fed through `stableprefix.analyzer.Analyzer` in observe mode, so the report shows what the rules
   *would* change on traffic recorded without them. Flows are read one by one (bounded memory).
 
-Figures (``~`` marks an estimate from characters, `CHARS_PER_TOKEN` per token; other figures are what the
-server reported):
+Figures (``~`` marks an estimate; other figures are what the server reported). An estimate counts
+characters, scaled by the server's own tokens per character where it reported the prompt's size (a chat
+template may not render all the text: SmolLM2's drops the tools), else `CHARS_PER_TOKEN` per token:
 
 - *prompt* of a request: ``prompt_tokens`` when the server reported it, else its characters (system + tools +
   messages, canonical form) / 4.
-- *reused*: ``cached_tokens`` when the server reported it, else ``reusable_tokens_est`` (the prefix it shares
-  with the previous request of its stream).
+- *reused*: ``cached_tokens`` when the server reported it, else the estimated prefix it shares with the
+  previous request of its stream.
 - *lost to a client-side change* (a turn whose verdict is ``changed``, cause other than
-  ``cache_markers_only``): the characters of the previous request of the stream minus the characters this
-  request still shares with it, / 4. It counts only what the client changed, whatever the server did.
+  ``cache_markers_only``): measured as the previous request's ``prompt_tokens`` minus this request's
+  ``cached_tokens`` when the server reported both; else estimated from the characters of the previous request
+  minus the characters this request still shares with it.
 - *lost server-side* (``miss: server``: prefix kept, server reused less): the tokens the server should have
   reused (`stableprefix.analyzer.expected_cached`: the reusable share of its reported prompt) minus
   ``cached_tokens``.
-- *rules saved* (rules active, ``removed``): the estimated reusable prefix of every later turn of a stream whose
-  request the rules rewrote. An upper bound: it assumes the removed part would otherwise have changed between
-  requests, as Claude Code's per-request ``cch`` does.
-- *rules would save* (observe mode, ``would_change``): the tokens lost on turns whose cause is exactly what a
-  rule that would have fired removes (billing, date, git_status).
+- *rules saved* (rules active, ``changed``) and *would save* (observe mode, ``would_change``): the record's
+  ``saved_by`` (a counterfactual the addon measures per request: the prefix shared after the rewrite that
+  would not have been shared before it, against the previous request of the stream, or the nearest earlier
+  stream for a first request), in estimated tokens. Both modes give the same figure for the same traffic.
+  Logs written before ``saved_by`` existed show no saving (the old "up to" figure was an upper bound).
 
 ``--check`` fails a main-thread turn that lost its prefix for a client-side cause (verdict ``changed``, cause
 other than ``cache_markers_only``).
@@ -59,11 +61,16 @@ def fmt(n: int | None, est: bool = False) -> str:
     return f"~{n:,}" if est else f"{n:,}"
 
 
+MAX_FIGURE = 10**15  # a larger count in a log is corrupt, not a figure
+
+
 def _int(v: Any) -> int | None:
-    """`v` as an int when it is a finite number (not a bool); else None. Logs may hold anything."""
+    """`v` as an int when it is a finite number (not a bool) of sane size; else None. Logs may hold anything."""
     if isinstance(v, bool) or not isinstance(v, int | float):
         return None
-    return int(v) if math.isfinite(v) else None
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return int(v) if abs(v) <= MAX_FIGURE else None
 
 
 def _count(v: Any) -> int:
@@ -142,6 +149,18 @@ class Turn:
     def server_prompt(self) -> int | None:
         return _int(self.rec.get("prompt_tokens"))
 
+    def per_char(self) -> float | None:
+        """Tokens per character of this prompt as the server counted it (its template may drop text, e.g.
+        the tools), from the server's prompt size; None when the server reported none."""
+        p, c = self.server_prompt, self.chars
+        return p / c if p is not None and p > 0 and c else None
+
+    def estimate(self, chars: int) -> int:
+        """Tokens of `chars` characters of this prompt: scaled by the server's count when it reported one,
+        else `CHARS_PER_TOKEN`. Always an estimate (print it with ``~``)."""
+        ratio = self.per_char()
+        return int(round(chars * ratio)) if ratio is not None else tokens(chars)
+
     def prompt(self) -> tuple[int | None, bool]:
         """(prompt tokens, estimated?)"""
         if (p := self.server_prompt) is not None:
@@ -156,7 +175,28 @@ class Turn:
         r = self.reusable_chars
         if r is None and self.verdict == "first":
             r = 0
-        return (tokens(r), True) if r is not None else (None, True)
+        return (self.estimate(r), True) if r is not None else (None, True)
+
+    def allowed(self) -> int | None:
+        """Tokens the client's prefix allowed the server to reuse (shared with the previous request of the
+        stream, or with the nearest earlier stream for a first request), in the server's tokens per character
+        where it reported a prompt size. An estimate; None when there is nothing to compare with."""
+        if self.cls == "count_tokens" or self.verdict not in ("append-only", "changed", "first"):
+            return None
+        if self.verdict == "first" and not self.rec.get("nearest_stream"):
+            return None
+        r = self.reusable_chars
+        return self.estimate(r) if r is not None else None
+
+    def miss_text(self) -> str:
+        """``client``, ``server (evicted)``, ``unknown`` or ``-``."""
+        miss = self.rec.get("miss")
+        if not miss:
+            return "-"
+        why = self.rec.get("server_miss_class")
+        if miss == "server" and not why and self.rec.get("interleaved_side"):
+            why = "side-interleaved"
+        return f"server ({why})" if miss == "server" and why else str(miss)
 
     @property
     def client_loss(self) -> bool:
@@ -165,14 +205,51 @@ class Turn:
             return volatile.costs(self.cause or "")
         return self.rec.get("miss") == "client" and self.verdict == "?"
 
-    def lost_tokens(self) -> int | None:
-        """Tokens of the previous request that must be processed again because the client changed it."""
+    @property
+    def cross_loss(self) -> bool:
+        """A stream's first request that would have shared more with the nearest earlier stream had a known
+        volatile item (billing suffix, date, ...) been equal: a cross-conversation miss the rules address."""
+        r = self.rec
+        if self.verdict != "first" or not r.get("nearest_stream") or not volatile.costs(self.cause or ""):
+            return False
+        more = (_int(r.get("shareable_chars")) or 0) - (self.reusable_chars or 0)
+        return more > 0 and self.cause not in (None, "unknown")
+
+    def cross_lost(self) -> tuple[int | None, bool]:
+        """(tokens processed because of a cross-conversation miss, estimated?): the prefix shareable with the
+        nearest earlier stream, in the server's tokens per character, minus what the server reused (or minus
+        the prefix shared, without a server figure). Always scaled, so an estimate."""
+        if not self.cross_loss:
+            return None, True
+        shareable = _int(self.rec.get("shareable_chars")) or 0
+        cached = self.server_cached
+        if cached is not None:
+            return max(0, self.estimate(shareable) - cached), True
+        return self.estimate(max(0, shareable - (self.reusable_chars or 0))), True
+
+    def lost(self) -> tuple[int | None, bool]:
+        """(tokens of the previous request processed again because the client changed it, estimated?).
+
+        Measured when the server reported the previous prompt's size and this request's reuse: previous
+        prompt tokens minus tokens reused now. Else the characters lost, scaled by the server's tokens per
+        character when it reported a prompt size (its template may not render all the text), else / 4."""
+        if self.cross_loss:
+            return self.cross_lost()
         if not self.client_loss or self.prev is None:
-            return None
+            return None, True
+        prev_prompt, cached = self.prev.server_prompt, self.server_cached
+        if prev_prompt is not None and prev_prompt > 0 and cached is not None:
+            return max(0, prev_prompt - cached), False
         before, kept = self.prev.chars, self.reusable_chars
         if before is None or kept is None:
-            return None
-        return tokens(max(0, before - kept))
+            return None, True
+        gone = max(0, before - kept)
+        ratio = self.prev.per_char() or self.per_char()
+        return (int(round(gone * ratio)) if ratio is not None else tokens(gone)), True
+
+    def lost_tokens(self) -> int | None:
+        """The figure of `lost` (measured or estimated)."""
+        return self.lost()[0]
 
     def server_lost_tokens(self) -> int | None:
         if self.rec.get("miss") != "server":
@@ -194,21 +271,29 @@ class Turn:
             return {str(k): _count(v) for k, v in would.items()}, True
         return {}, False
 
+    def savings(self) -> dict[str, int]:
+        """Rule -> estimated tokens of prefix shared only because of the rewrite (or would be, observing)."""
+        by = self.rec.get("saved_by")
+        if not isinstance(by, dict):
+            return {}
+        out = {}
+        for rule, chars in by.items():
+            c = _int(chars)
+            if c is not None and c > 0:
+                out[str(rule)] = self.estimate(c)
+        return out
+
     def saved_tokens(self) -> int | None:
-        """Reusable prefix of a later turn whose request the rules rewrote (upper bound, see module doc)."""
+        """Tokens the rules' rewrite kept shared on this request (rules active), or None."""
         fired, observe = self.rules()
-        if not fired or observe or self.n == 1 or self.cls == "count_tokens":
-            return None
-        r = self.reusable_chars
-        return tokens(r) if r is not None else None
+        s = self.savings()
+        return sum(s.values()) if s and not observe else None
 
     def would_save_tokens(self) -> int | None:
-        """Tokens lost on this turn that a rule which would have fired removes exactly."""
+        """Tokens the rules would keep shared on this request (observe mode), or None."""
         fired, observe = self.rules()
-        rule = volatile.rule_for_cause(self.cause or "")
-        if not observe or rule is None or rule not in {k.split(".")[0] for k in fired}:
-            return None
-        return self.lost_tokens()
+        s = self.savings()
+        return sum(s.values()) if s and observe else None
 
     def stream_short(self) -> str:
         return str(self.rec.get("stream") or "?")[:12]
@@ -270,6 +355,10 @@ class Totals:
     server_prompt: int = 0
     client_turns: Counter[str] = field(default_factory=Counter)
     client_tokens: Counter[str] = field(default_factory=Counter)
+    client_est: set[str] = field(default_factory=set)  # causes whose client_tokens hold an estimate
+    cross_turns: int = 0  # of client_turns: first requests of a stream (cross-conversation misses)
+    server_classes: Counter[str] = field(default_factory=Counter)  # server-side misses by class
+    server_class_tokens: Counter[str] = field(default_factory=Counter)
     server_turns: int = 0
     server_tokens: int = 0
     interleaved: int = 0
@@ -277,10 +366,16 @@ class Totals:
     fired: Counter[str] = field(default_factory=Counter)
     saved: int = 0
     saved_turns: int = 0
+    saved_by: Counter[str] = field(default_factory=Counter)
     observed: int = 0
     would_fire: Counter[str] = field(default_factory=Counter)
     would_save: int = 0
     would_save_turns: int = 0
+    would_save_by: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def client_estimated(self) -> bool:
+        return bool(self.client_est)
 
     @property
     def client_total(self) -> int:
@@ -346,11 +441,20 @@ class Report:
                 t.server_requests += 1
                 t.server_cached += turn.server_cached
                 t.server_prompt += turn.server_prompt
-            if turn.client_loss:
+            if turn.client_loss or turn.cross_loss:
                 cause = turn.cause or "unknown"
                 t.client_turns[cause] += 1
-                t.client_tokens[cause] += turn.lost_tokens() or 0
+                t.cross_turns += int(turn.cross_loss)
+                lost, est = turn.lost()
+                t.client_tokens[cause] += lost or 0
+                if est and lost is not None:
+                    t.client_est.add(cause)
             if (s := turn.server_lost_tokens()) is not None:
+                why = r.get("server_miss_class") or (
+                    "side-interleaved" if r.get("interleaved_side") else None
+                )
+                t.server_classes[str(why or "unclassified")] += 1
+                t.server_class_tokens[str(why or "unclassified")] += s
                 t.server_turns += 1
                 t.server_tokens += s
             if r.get("interleaved_side"):
@@ -365,14 +469,24 @@ class Report:
             if (s := turn.saved_tokens()) is not None:
                 t.saved += s
                 t.saved_turns += 1
+                t.saved_by.update(turn.savings())
             if (s := turn.would_save_tokens()) is not None:
                 t.would_save += s
                 t.would_save_turns += 1
+                t.would_save_by.update(turn.savings())
         return t
 
-    def offences(self) -> list[Turn]:
-        """Main-thread turns that lost their prefix for a client-side cause."""
-        return [t for t in self.turns() if t.cls == "main" and t.client_loss]
+    def offences(self, cross: bool = False) -> list[Turn]:
+        """Main-thread turns that lost their prefix for a client-side cause; with `cross` also the first
+        requests of conversations (main or subagent) that lost a prefix shared with an earlier one to a cause
+        a built-in rule removes (the rules could have prevented it)."""
+        out = []
+        for t in self.turns():
+            if t.cls == "main" and t.client_loss:
+                out.append(t)
+            elif cross and t.cross_loss and volatile.rule_for_cause(t.cause or "") is not None:
+                out.append(t)
+        return out
 
 
 #: record fields the report never reads; dropped so memory grows by a few hundred bytes per request,

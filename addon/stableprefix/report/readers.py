@@ -166,9 +166,26 @@ def analyze_flow(analyzer: Any, f: Any) -> dict[str, Any] | None:
     if result is None:
         return None
     rec: dict[str, Any] = {"ts": round(req.timestamp_start or 0, 3), "id": f.id, **result.record}
+    saved = f.metadata.get(records.META_KEY) if isinstance(f.metadata, dict) else None
+    saved = saved if isinstance(saved, dict) else None
+    if saved is not None:  # recorded with the addon loaded: what its rules did to the request
+        for key in ("changed", "actions", "rewritten", "session"):
+            if key in saved and not (key == "session" and rec.get("session")):
+                rec[key] = saved[key]
+        if saved.get("changed"):  # the request here is the forwarded one: the savings are the record's
+            rec.pop("would_change", None)
+            for key in ("saved_chars", "saved_by"):
+                if key in saved:
+                    rec[key] = saved[key]
     if f.response is not None:
         resp = f.response
-        rec = analyzer.response(rec, resp.status_code, resp.headers, resp.get_content(strict=False)) or rec
+        body = resp.get_content(strict=False)
+        if not body and saved is not None and saved.get("state") == "answered":
+            # a streamed response's body is not stored ("content missing"): the addon's record is
+            rec = analyzer.recorded(rec, resp.status_code, saved)
+            rec["evidence_from"] = "flow-metadata"
+        else:
+            rec = analyzer.response(rec, resp.status_code, resp.headers, body) or rec
     elif f.error is not None:
         rec["error"] = rec.get("error") or str(f.error.msg)[:200]
     return rec

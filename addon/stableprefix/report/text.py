@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 from stableprefix.core import volatile
+from stableprefix.core.analyzer import SERVER_MISS_REMEDY
 from stableprefix.report.model import CLASS_ORDER
 from stableprefix.report.model import SERVER_REMEDY
 from stableprefix.report.model import Report
@@ -31,11 +34,12 @@ TURN_HEAD = [
     "diverged at",
     "cause",
     "reused/prompt",
+    "allowed",
     "lost",
     "miss",
     "rules",
 ]
-TURN_RIGHT = {0, 3, 6, 7}
+TURN_RIGHT = {0, 3, 6, 7, 8}
 
 
 def turn_row(t: Turn) -> list[str]:
@@ -49,7 +53,7 @@ def turn_row(t: Turn) -> list[str]:
     rules = " ".join(f"{k}={v}" for k, v in fired.items())
     if observe and rules:
         rules = "would: " + rules
-    loss = t.lost_tokens()
+    loss, loss_est = t.lost()
     return [
         str(t.n),
         t.cls,
@@ -58,8 +62,9 @@ def turn_row(t: Turn) -> list[str]:
         t.location(),
         t.cause or "-",
         f"{fmt(reused, r_est) if t.cls != 'count_tokens' else '-'}/{fmt(prompt, p_est)}",
-        fmt(loss, True) if loss is not None else "-",
-        str(t.rec.get("miss") or "-"),
+        fmt(t.allowed(), True),
+        fmt(loss, loss_est) if loss is not None else "-",
+        t.miss_text(),
         rules or "-",
     ]
 
@@ -133,52 +138,86 @@ def render_totals(t: Totals) -> list[str]:
         out.append("  server reported: nothing (no cache figures in the responses)")
     nclient = sum(t.client_turns.values())
     out.append(
-        f"  reprocessed because the client changed the prefix: {fmt(t.client_total, True)} tokens "
+        f"  reprocessed because the client changed the prefix: {fmt(t.client_total, t.client_estimated)} tokens "
         f"on {nclient} turn{'s' if nclient != 1 else ''}"
+        + (f" ({t.cross_turns} of them a conversation's first request)" if t.cross_turns else "")
     )
     if nclient:
         rows = [["cause", "turns", "tokens", "what to do"]]
         for cause, n in sorted(t.client_turns.items(), key=lambda kv: (-t.client_tokens[kv[0]], kv[0])):
-            rows.append([cause, str(n), fmt(t.client_tokens[cause], True), volatile.remedy(cause)])
+            rows.append(
+                [cause, str(n), fmt(t.client_tokens[cause], cause in t.client_est), volatile.remedy(cause)]
+            )
         out += table(rows, {1, 2}, indent="    ")
     if t.server_turns:
         out.append(
             f"  reprocessed although the prefix was kept (server-side): {fmt(t.server_tokens, True)} tokens on "
             f"{t.server_turns} turn{'s' if t.server_turns != 1 else ''}"
         )
-        out.append(f"    what to do: {SERVER_REMEDY}")
+        if set(t.server_classes) <= set(SERVER_MISS_REMEDY):
+            rows = [["class", "turns", "tokens", "what to do"]]
+            for why, n in sorted(t.server_classes.items(), key=lambda kv: -t.server_class_tokens[kv[0]]):
+                rows.append([why, str(n), fmt(t.server_class_tokens[why], True), SERVER_MISS_REMEDY[why]])
+            out += table(rows, {1, 2}, indent="    ")
+        else:
+            out.append(f"    what to do: {SERVER_REMEDY}")
     if t.interleaved:
         out.append(f"  side requests interleaved with a stream: {t.interleaved}")
     if t.rewritten:
         fired = " ".join(f"{k}={v}" for k, v in sorted(t.fired.items()))
         out.append(
             f"  rules rewrote {t.rewritten} request{'s' if t.rewritten != 1 else ''} ({fired}); "
-            f"prefix they kept reusable on {t.saved_turns} later turn{'s' if t.saved_turns != 1 else ''}: "
-            f"up to {fmt(t.saved, True)} tokens"
+            f"prefix shared only because of the rewrite: {fmt(t.saved, True)} tokens on {t.saved_turns} "
+            f"request{'s' if t.saved_turns != 1 else ''}{by_rule(t.saved_by)}"
         )
     if t.observed:
         fired = " ".join(f"{k}={v}" for k, v in sorted(t.would_fire.items()))
         out.append(
             f"  observe mode: rules would rewrite {t.observed} request{'s' if t.observed != 1 else ''} ({fired}) "
-            f"and save {fmt(t.would_save, True)} tokens on {t.would_save_turns} turn{'s' if t.would_save_turns != 1 else ''}"
+            f"and save {fmt(t.would_save, True)} tokens on {t.would_save_turns} "
+            f"request{'s' if t.would_save_turns != 1 else ''}{by_rule(t.would_save_by)}"
         )
     if t.requests and not t.verdicts:
         out.append(
             "  this log has no verdicts (written before stableprefix tracked streams): sizes and rules only"
         )
-    out.append("  ~ = estimated (4 characters per token); other figures as the server reported them.")
     out.append(
-        "  lost = tokens of the previous request of the stream processed again after a client-side change."
+        "  ~ = estimated (characters, scaled by the server's tokens per character where it reported a prompt "
+        "size, else 4 per token); other figures as the server reported them."
+    )
+    out.append(
+        "  allowed = tokens the client's prefix allowed the server to reuse (shared with the previous request "
+        "of the stream, or with the nearest earlier stream for a first request)."
+    )
+    out.append(
+        "  lost = tokens of the previous request of the stream processed again after a client-side change; on a "
+        "conversation's first request: tokens it would have shared with the nearest earlier one had the cause "
+        "been stable."
     )
     return out
 
 
-def check_lines(report: Report) -> list[str]:
-    """One line per main-thread turn that lost its prefix for a client-side cause."""
+def by_rule(counts: Counter[str] | dict[str, int]) -> str:
+    """`` (billing ~1,234, date ~56)`` when more than one rule saved, else ``""``."""
+    if len(counts) < 2:
+        return ""
+    return " (" + ", ".join(f"{k} {fmt(v, True)}" for k, v in sorted(counts.items())) + ")"
+
+
+def check_lines(report: Report, cross: bool = False) -> list[str]:
+    """One line per main-thread turn that lost its prefix for a client-side cause (with `cross`, also per
+    conversation start that lost a shared prefix to a cause a built-in rule removes)."""
     out = []
-    for t in report.offences():
-        loss = t.lost_tokens()
-        lost = f", {fmt(loss, True)} tokens reprocessed" if loss is not None else ""
+    for t in report.offences(cross):
+        loss, est = t.lost()
+        lost = f", {fmt(loss, est)} tokens reprocessed" if loss is not None else ""
+        if t.verdict == "first":
+            out.append(
+                f"{t.where}: {t.cls} stream {t.stream_short()} started without the prefix it shares with stream "
+                f"{str(t.rec.get('nearest_stream'))[:12]}: diverged at {t.location()} "
+                f"(cause {t.cause}, rule {volatile.rule_for_cause(t.cause or '')}){lost}"
+            )
+            continue
         out.append(
             f"{t.where}: main turn {t.n} of stream {t.stream_short()} lost its prefix at {t.location()} "
             f"(cause {t.cause}){lost}"
