@@ -166,16 +166,14 @@ def render_totals(t: Totals) -> list[str]:
     if t.rewritten:
         fired = " ".join(f"{k}={v}" for k, v in sorted(t.fired.items()))
         out.append(
-            f"  rules rewrote {t.rewritten} request{'s' if t.rewritten != 1 else ''} ({fired}); "
-            f"prefix shared only because of the rewrite: {fmt(t.saved, True)} tokens on {t.saved_turns} "
-            f"request{'s' if t.saved_turns != 1 else ''}{by_rule(t.saved_by)}"
+            f"  rules rewrote {requests(t.rewritten)} ({fired}); prefix shared only because of the rewrite: "
+            f"{fmt(t.saved, True)} tokens on {requests(t.saved_turns)}{by_rule(t.saved_by)}"
         )
     if t.observed:
         fired = " ".join(f"{k}={v}" for k, v in sorted(t.would_fire.items()))
         out.append(
-            f"  observe mode: rules would rewrite {t.observed} request{'s' if t.observed != 1 else ''} ({fired}) "
-            f"and save {fmt(t.would_save, True)} tokens on {t.would_save_turns} "
-            f"request{'s' if t.would_save_turns != 1 else ''}{by_rule(t.would_save_by)}"
+            f"  observe mode: rules would rewrite {requests(t.observed)} ({fired}) and save "
+            f"{fmt(t.would_save, True)} tokens on {requests(t.would_save_turns)}{by_rule(t.would_save_by)}"
         )
     if t.requests and not t.verdicts:
         out.append(
@@ -223,3 +221,8 @@ def check_lines(report: Report, cross: bool = False) -> list[str]:
             f"(cause {t.cause}){lost}"
         )
     return out
+
+
+def requests(n: int) -> str:
+    """``1 request``, ``3 requests``."""
+    return f"{n} request{'s' if n != 1 else ''}"
