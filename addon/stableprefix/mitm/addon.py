@@ -233,7 +233,7 @@ class StablePrefix:
             return fn()
         except Exception as e:  # fail open
             logger.warning(
-                f"stableprefix: internal error ({type(e).__name__}: {e}); traffic passes unchanged"
+                f"stableprefix: internal error ({type(e).__name__}); traffic passes unchanged"  # no message: it could quote the prompt
             )
             return None
 
@@ -287,7 +287,7 @@ class StablePrefix:
             record: dict[str, Any] = {"ts": entry.ts, "id": entry.flow.id, **result.record}
             before = None if result.warning else self._guard(lambda: before_state(result))
         except Exception as e:  # fail open: the request went on; no record, one warning
-            msg = f"stableprefix: internal error ({type(e).__name__}: {e}); traffic passes unchanged"
+            msg = f"stableprefix: internal error ({type(e).__name__}); traffic passes unchanged"
             self._post(lambda: logger.warning(msg))
             if entry.held is not None:  # a flow waiting for its affinity key goes on without one
                 self._post(entry.held.set)
