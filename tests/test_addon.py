@@ -620,9 +620,7 @@ def test_internal_error_fails_open_with_one_warning_per_request(
             f = make_flow(raw)
             a.request(f)
             assert f.request.raw_content == raw and META_KEY not in f.metadata
-    assert (
-        warnings(caplog) == ["stableprefix: internal error (RuntimeError); traffic passes unchanged"] * 2
-    )
+    assert warnings(caplog) == ["stableprefix: internal error (RuntimeError); traffic passes unchanged"] * 2
 
 
 def test_flow_metadata_is_serialisable() -> None:
