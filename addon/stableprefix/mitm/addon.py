@@ -314,10 +314,19 @@ class StablePrefix:
     def _complete(self, entry: _Entry, fn: Any) -> None:
         """Worker: complete the record of an answered (or failed) request with `fn(record)`, then write it."""
         record = entry.record
-        if record is None:  # the analysis failed: no record (it said so)
-            return
-        self._guard(lambda: fn(record))
-        self._post(lambda: self._finish(entry.flow, record))
+        if record is not None:  # else the analysis failed: no record (it said so)
+            self._guard(lambda: fn(record))
+            self._post(lambda: self._finish(entry.flow, record))
+        if entry.done is not None:
+            self._post(entry.done.set)
+
+    def _hold_for_record(self, entry: _Entry) -> Awaitable[bool] | None:
+        """While flows are being saved (``mitmdump -w``), the response and error hooks wait for the
+        completed record, so that the saved flow carries it (the save addon runs after this one)."""
+        if self._loop is None or not getattr(ctx.options, "save_stream_file", None):
+            return None
+        entry.done = asyncio.Event()
+        return entry.done.wait()
 
     def _post(self, fn: Any) -> None:
         """Worker: run `fn` on the event loop (in order); without a running loop, `drain` runs it."""
@@ -448,12 +457,13 @@ class StablePrefix:
 
         resp.stream = tee  # stream on, chunk by chunk, unchanged
 
-    def response(self, flow: http.HTTPFlow) -> None:
+    def response(self, flow: http.HTTPFlow) -> Awaitable[bool] | None:
         entry = self._entries.pop(flow.id, None)
         resp = flow.response
         if entry is None or resp is None:
-            return
+            return None
         self._remember_loop()
+        held = self._hold_for_record(entry)
         status, feed = resp.status_code, entry.feed
         raw, encoding = resp.raw_content, resp.headers.get("content-encoding")
         headers = resp.headers
@@ -468,12 +478,14 @@ class StablePrefix:
                 self.analyzer.response(record, status, headers, _decoded(raw, encoding))
 
         self.worker.submit(lambda: self._complete(entry, complete), len(raw or b""))
+        return held
 
-    def error(self, flow: http.HTTPFlow) -> None:
+    def error(self, flow: http.HTTPFlow) -> Awaitable[bool] | None:
         entry = self._entries.pop(flow.id, None)
         if entry is None:
-            return
+            return None
         self._remember_loop()
+        held = self._hold_for_record(entry)
         msg = flow.error.msg if flow.error else "unknown error"
         feed = entry.feed
         # No response started: unless the client itself went away, mitmproxy answers it with a 502.
@@ -490,6 +502,7 @@ class StablePrefix:
                 self.analyzer.error(record, msg, status)
 
         self.worker.submit(lambda: self._complete(entry, complete))
+        return held
 
     def _finish(self, flow: http.HTTPFlow, record: dict[str, Any]) -> None:
         flow.metadata[META_KEY] = record
@@ -522,7 +535,7 @@ class StablePrefix:
 class _Entry:
     """A handled flow between its hooks: its record (once analysed) and the parser of a streamed answer."""
 
-    __slots__ = ("extra", "feed", "flow", "held", "left_alone", "record", "ts")
+    __slots__ = ("done", "extra", "feed", "flow", "held", "left_alone", "record", "ts")
 
     def __init__(
         self,
@@ -538,6 +551,7 @@ class _Entry:
         self.record = record
         self.left_alone = left_alone
         self.feed: SSEFeed | None = None
+        self.done: asyncio.Event | None = None  # set once the record is complete (flows being saved)
         self.held: asyncio.Event | None = None  # set once the affinity header is decided (flow waits)
 
 
