@@ -22,6 +22,7 @@ import json
 import os
 import subprocess
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -111,7 +112,7 @@ def run_arm(router_name: str, arm: str, server: Path, model: Path, work: Path) -
                     f"{arm}: claude exited {done.returncode}: {done.stdout[-1000:]} {done.stderr[-1000:]}\n"
                     f"{router.output()[-2000:]}"
                 )
-                assert wait_until(lambda s=seen: len(read_records(log)) > s, timeout=30)
+                assert wait_until(partial(more_than, log, seen), timeout=30)
                 recs = read_records(log)[seen:]
                 seen += len(recs)
                 gens = [r for r in recs if r.get("class") == "main"]
@@ -126,6 +127,10 @@ def run_arm(router_name: str, arm: str, server: Path, model: Path, work: Path) -
             for p in reversed(started):
                 p.stop()
     return Arm(arm, turns)
+
+
+def more_than(log: Path, n: int) -> bool:
+    return len(read_records(log)) > n
 
 
 def start(name: str, target: str, work: Path, home: Path) -> routers.Router:
