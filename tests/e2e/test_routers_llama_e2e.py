@@ -42,7 +42,19 @@ CAP_SCRIPT = Path(__file__).resolve().parents[1] / "support" / "cap_max_tokens.p
 #: SmolLM2's 8k training context is too small for Claude Code's ~4.4k-token prompt plus its answer budget
 FLAGS = ("-c", "32768", "--override-kv", "llama.context_length=int:32768")
 PROMPTS = ("Say hello to the project.", "What does app.py print?")
-ROUTERS = ("claude-code-router", "litellm", "litellm-chat")
+#: LiteLLM is measured on the built-in upstream only (tests/e2e/test_routers_e2e.py): its Responses route
+#: keeps the inline system message and the tools, so the CLI's first request is 4,125 prompt tokens at the
+#: server, which took about 4 minutes on this 2-core machine under load (claude-code-router's 1,766 took
+#: about 1); three arms of two such requests do not fit a test. Set STABLEPREFIX_SLOW_ROUTERS=1 to run them.
+SLOW = pytest.mark.skipif(
+    os.environ.get("STABLEPREFIX_SLOW_ROUTERS") != "1",
+    reason="LiteLLM's ~4,100-token prompt takes minutes per request on a small CPU; STABLEPREFIX_SLOW_ROUTERS=1",
+)
+ROUTERS = (
+    "claude-code-router",
+    pytest.param("litellm", marks=SLOW),
+    pytest.param("litellm-chat", marks=SLOW),
+)
 
 
 @dataclass
