@@ -33,7 +33,8 @@ def test_only_billing_is_on_by_default() -> None:
     assert [r.name for r in rl.builtin_rules() if r.enabled] == ["billing"]
     assert rl.builtin_rules("off")[0].name == "date"
     assert set(rl.builtin_names()) == {
-        "billing", "date", "git_status", "env_block", "resume", "tool_order", "user_id", "cache_control"
+        "billing", "date", "git_status", "env_block", "resume", "tool_order", "user_id", "cache_control",
+        "inline_system",
     }  # fmt: skip
 
 

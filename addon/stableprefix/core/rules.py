@@ -44,11 +44,13 @@ from stableprefix.core.jsonedit import Edit
 from stableprefix.core.jsonedit import JsonPath
 from stableprefix.core.jsonedit import Replace
 from stableprefix.core.jsonedit import apply_edits
+from stableprefix.core.shapes import Api
 from stableprefix.core.shapes import Shape
 from stableprefix.core.shapes import TextSlot
 from stableprefix.core.shapes import tool_name
 
-ACTIONS = ("drop", "pin", "mask", "sticky", "sort")
+ACTIONS = ("drop", "pin", "mask", "sticky", "sort")  # what a rules file may use
+MOVE = "move"  # a built-in action only: `move_inline_system`
 ROLES = ("user", "assistant", "tool", "*")
 BILLING_MODES = ("drop", "pin", "off")
 DEFAULT_MASK = "[masked]"
@@ -658,6 +660,15 @@ def apply(
                         _apply_path_rule(rule, scope.pattern, body, session, sticky, step)
                     out.edits += [_in_original(e, out.edits) for e in step.edits]
                     out.fired.update(step.fired)
+    # Moves last: they carry the text as the rules above left it (their edits inside a moved message or the
+    # system prompt fall under the move's own edits, which jsonedit keeps instead).
+    for rule in active:
+        if rule.action == MOVE and shape.api in (Api.ANTHROPIC, Api.ANTHROPIC_COUNT):
+            body = apply_edits(shape.body, out.edits) if out.edits else shape.body
+            moved = move_inline_system(body)
+            if moved:
+                out.edits += [_in_original(e, out.edits) for e in moved]
+                out.fired[rule.name] += sum(isinstance(e, Delete) for e in moved)
     out.fired = Counter({k: v for k, v in out.fired.items() if v})
     return out
 
@@ -736,3 +747,64 @@ def _apply_tools_rule(rule: Rule, body: Any, out: Outcome) -> None:
             if rule.matcher.find(tool_name(t), False):
                 out.edits.append(Delete(("tools", i)))
                 out.fired[rule.name] += 1
+
+
+# --- moving the first turn's inline system messages (action "move") ----------------------------------------
+
+
+def _plain_texts(content: Any) -> list[str] | None:
+    """The texts of a message content made of text only (a string, or text blocks); None otherwise."""
+    if isinstance(content, str):
+        return [content]
+    if not isinstance(content, list):
+        return None
+    texts = []
+    for block in content:
+        if (
+            not isinstance(block, dict)
+            or block.get("type") != "text"
+            or not isinstance(block.get("text"), str)
+        ):
+            return None
+        texts.append(block["text"])
+    return texts
+
+
+def move_inline_system(body: Any) -> list[Edit]:
+    """Edits that move the Anthropic request's inline ``role: "system"`` messages of the first turn (those
+    before the first assistant message) to the end of ``system``, one text block per text, in order.
+
+    Every later turn of a conversation repeats the first turn's messages, so each gets the same rewrite and
+    the conversation stays append-only; a second application finds nothing to move. The texts are kept
+    byte-identical (their ``cache_control`` markers, which no local server renders, are not carried); a
+    string ``system`` becomes a one-block list in front of them. Nothing is moved (no edits) when the body
+    is not that shape: no ``system`` string or list, a moved message holding anything but text, or no user
+    message left first.
+    """
+    if not isinstance(body, dict):
+        return []
+    messages, system = body.get("messages"), body.get("system")
+    if not isinstance(messages, list) or not isinstance(system, str | list):
+        return []
+    moved: list[int] = []
+    blocks: list[dict[str, str]] = []
+    for k, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") == "assistant":
+            break
+        if m.get("role") != "system":
+            continue
+        texts = _plain_texts(m.get("content"))
+        if texts is None:
+            return []
+        moved.append(k)
+        blocks += [{"type": "text", "text": t} for t in texts if t]
+    rest = [m for k, m in enumerate(messages) if k not in moved]
+    if not moved or not rest or not isinstance(rest[0], dict) or rest[0].get("role") != "user":
+        return []
+    head: list[Any] = (
+        list(system) if isinstance(system, list) else [{"type": "text", "text": system}] * bool(system)
+    )
+    edits: list[Edit] = [Delete(("messages", k)) for k in moved]
+    if blocks:
+        edits.insert(0, Replace(("system",), head + blocks))
+    return edits

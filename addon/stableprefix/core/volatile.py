@@ -126,6 +126,14 @@ FIELDS: tuple[Field, ...] = (
         action="drop",
     ),
     Field(
+        "inline_system",
+        "--set stableprefix_enable=inline_system (moves the first turn's inline system messages, Claude Code's "
+        "environment block, to the end of the system prompt: a new conversation then shares it)",
+        scopes=("system",),
+        guard="system",  # the key every request it can change holds (a quoted role cannot be a guard)
+        action="move",  # rules.move_inline_system: Anthropic Messages only
+    ),
+    Field(
         "thinking_dropped",
         "thinking blocks left the history: the template renders them only after the last user turn; "
         "on hybrid/SWA models raise llama-server --ctx-checkpoints",
