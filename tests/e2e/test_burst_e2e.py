@@ -74,7 +74,7 @@ def test_1000_requests_1000_records_in_order(mitm: MitmFactory, upstream: Upstre
     assert len({r["id"] for r in recs}) == REQUESTS
     assert len(upstream.received) == REQUESTS
     for r in recs:  # complete: analysed, answered, the billing header removed
-        assert (r["status"], r["removed"], r["class"]) == (200, {"billing": 1}, "main"), r
+        assert (r["status"], r["changed"], r["class"]) == (200, {"billing": 1}, "main"), r
     # per conversation: TURNS requests; the first is "first", every later one "append-only" (the analysis
     # compared each with the request before it, so it ran in arrival order)
     by_session: dict[str, list[dict[str, Any]]] = {}

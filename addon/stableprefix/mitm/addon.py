@@ -39,6 +39,7 @@ from stableprefix.core.record import log_line
 from stableprefix.core.record import summary_lines
 from stableprefix.mitm import contentview  # noqa: F401  (registers the "stableprefix" content view)
 from stableprefix.mitm import options
+from stableprefix.mitm import worker
 from stableprefix.mitm.jsonl import JsonlWriter
 from stableprefix.mitm.worker import Worker
 
@@ -258,7 +259,10 @@ class StablePrefix:
             req.content = fwd.forward  # re-encodes Content-Encoding, fixes Content-Length
         entry = _Entry(flow, round(time.time(), 3), extra)
         self._entries[flow.id] = entry
-        self.worker.submit(lambda: self._analyse(entry, fwd), len(raw))
+        # held until the response is in (or `worker.HOLD_SECONDS`): the analysis then does not compete
+        # for the interpreter with this flow's own forwarding
+        self.worker.submit(lambda: self._analyse(entry, fwd), len(raw), hold=flow.id)
+        self._release(flow.id, later=True)
         if self.worker.over_budget():
             if self._loop is not None:
                 return self.worker.room()
@@ -371,6 +375,7 @@ class StablePrefix:
         entry = self._entries.pop(flow.id, None)
         resp = flow.response
         if entry is None or resp is None:
+            self._release(flow.id)
             return
         self._remember_loop()
         status, feed = resp.status_code, entry.feed
@@ -386,11 +391,13 @@ class StablePrefix:
             else:
                 self.analyzer.response(record, status, headers, _decoded(raw, encoding))
 
-        self.worker.submit(lambda: self._complete(entry, complete), len(raw or b""))
+        self.worker.submit(lambda: self._complete(entry, complete), len(raw or b""), hold=flow.id)
+        self._release(flow.id)  # the analysis and this completion, once the answer is passed on
 
     def error(self, flow: http.HTTPFlow) -> None:
         entry = self._entries.pop(flow.id, None)
         if entry is None:
+            self._release(flow.id)
             return
         self._remember_loop()
         msg = flow.error.msg if flow.error else "unknown error"
@@ -408,7 +415,22 @@ class StablePrefix:
             else:
                 self.analyzer.error(record, msg, status)
 
-        self.worker.submit(lambda: self._complete(entry, complete))
+        self.worker.submit(lambda: self._complete(entry, complete), hold=flow.id)
+        self._release(flow.id)
+
+    def _release(self, flow_id: str, later: bool = False) -> None:
+        """Let the analysis of this flow start once the event loop has passed the answer on (the hook
+        returns first, then mitmproxy writes the response to the client, then this runs); `later`: at the
+        latest after `worker.HOLD_SECONDS`."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop (tests): now
+            self.worker.release(flow_id)
+            return
+        if later:
+            loop.call_later(worker.HOLD_SECONDS, self.worker.release, flow_id)
+        else:
+            loop.call_soon(self.worker.release, flow_id)
 
     def _finish(self, flow: http.HTTPFlow, record: dict[str, Any]) -> None:
         flow.metadata[META_KEY] = record
