@@ -271,18 +271,13 @@ def _wanted(items: list[Any], scopes: frozenset[str]) -> list[int] | None:
     others stay undecoded. None when an item is not an object (the full parse says why)."""
     if not all(isinstance(e, dict) for e in items):
         return None
-    with_role = [e["role"] for e in items if "role" in e]
-    roles = iter(orjson.loads(b"[" + b",".join(with_role) + b"]") if with_role else ())
-    wanted: list[int] = []
-    for k, e in enumerate(items):
-        role = next(roles) if "role" in e else _NO_ROLE
-        if not isinstance(role, str) or role in _SYSTEMISH or role in scopes:
-            wanted.append(k)
-            items[k] = {key: decode(v) if undecoded(v) else v for key, v in e.items()}
+    roles = orjson.loads(b"[" + b",".join([e.get("role", b"null") for e in items]) + b"]")  # no role: null
+    wanted = [k for k, r in enumerate(roles) if type(r) is not str or r in _SYSTEMISH or r in scopes]
+    for k in wanted:
+        items[k] = {key: decode(v) if undecoded(v) else v for key, v in items[k].items()}
     return wanted
 
 
-_NO_ROLE = object()
 _SYSTEMISH = frozenset({"system", "developer"})
 
 

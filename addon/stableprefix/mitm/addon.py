@@ -39,7 +39,6 @@ from stableprefix.core.record import log_line
 from stableprefix.core.record import summary_lines
 from stableprefix.mitm import contentview  # noqa: F401  (registers the "stableprefix" content view)
 from stableprefix.mitm import options
-from stableprefix.mitm import worker
 from stableprefix.mitm.jsonl import JsonlWriter
 from stableprefix.mitm.worker import Worker
 
@@ -259,10 +258,10 @@ class StablePrefix:
             req.content = fwd.forward  # re-encodes Content-Encoding, fixes Content-Length
         entry = _Entry(flow, round(time.time(), 3), extra)
         self._entries[flow.id] = entry
-        # held until the response is in (or `worker.HOLD_SECONDS`): the analysis then does not compete
-        # for the interpreter with this flow's own forwarding
+        # held until this hook has returned and mitmproxy has handed the request on (the next turn of the
+        # event loop): the analysis does not compete for the interpreter with this flow's forwarding
         self.worker.submit(lambda: self._analyse(entry, fwd), len(raw), hold=flow.id)
-        self._release(flow.id, later=True)
+        self._release(flow.id)
         if self.worker.over_budget():
             if self._loop is not None:
                 return self.worker.room()
@@ -418,19 +417,13 @@ class StablePrefix:
         self.worker.submit(lambda: self._complete(entry, complete), hold=flow.id)
         self._release(flow.id)
 
-    def _release(self, flow_id: str, later: bool = False) -> None:
-        """Let the analysis of this flow start once the event loop has passed the answer on (the hook
-        returns first, then mitmproxy writes the response to the client, then this runs); `later`: at the
-        latest after `worker.HOLD_SECONDS`."""
+    def _release(self, flow_id: str) -> None:
+        """Let the held jobs of this flow run once the current hook has returned and mitmproxy has passed
+        the message on (it writes in the same turn of the event loop; this runs in the next)."""
         try:
-            loop = asyncio.get_running_loop()
+            asyncio.get_running_loop().call_soon(self.worker.release, flow_id)
         except RuntimeError:  # no event loop (tests): now
             self.worker.release(flow_id)
-            return
-        if later:
-            loop.call_later(worker.HOLD_SECONDS, self.worker.release, flow_id)
-        else:
-            loop.call_soon(self.worker.release, flow_id)
 
     def _finish(self, flow: http.HTTPFlow, record: dict[str, Any]) -> None:
         flow.metadata[META_KEY] = record
