@@ -13,11 +13,13 @@ from hypothesis import settings
 from hypothesis import strategies as st
 
 from stableprefix.core import pipeline
+from stableprefix.core import rules as rulelib
 from stableprefix.core.jsonedit import Delete
 from stableprefix.core.jsonedit import Document
 from stableprefix.core.jsonedit import Edit
 from stableprefix.core.jsonedit import RawDocument
 from stableprefix.core.jsonedit import Replace
+from stableprefix.core.jsonedit import SparseDocument
 from stableprefix.demo import samples
 
 scalars = st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(max_size=8)
@@ -74,8 +76,15 @@ def test_declines_what_it_cannot_prove() -> None:
 
 def test_pipeline_uses_the_fast_editor_for_compact_bodies_and_document_otherwise() -> None:
     body = samples.Session().request(1)
+    # with a path rule on, the sparse path (tests/test_sparse.py) does not apply: RawDocument or Document
+    settings = pipeline.Settings(rules=tuple(rulelib.switch(rulelib.builtin_rules(), ["cache_control"])))
     for raw, kind in ((orjson.dumps(body), RawDocument), (json.dumps(body).encode(), Document)):
-        fwd = pipeline.forward("POST", "h", "/v1/messages", raw, pipeline.Settings())
+        fwd = pipeline.forward("POST", "h", "/v1/messages", raw, settings)
         assert fwd is not None and type(fwd.doc) is kind and fwd.outcome is not None
         assert fwd.forward == Document.parse(raw).edited(fwd.outcome.edits).encode()
-        assert json.loads(fwd.forward or b"")["system"] == body["system"][1:]
+        texts = [b["text"] for b in json.loads(fwd.forward or b"")["system"]]
+        assert texts == [b["text"] for b in body["system"][1:]]
+    for raw in (orjson.dumps(body), json.dumps(body).encode()):  # billing only: the sparse path, any spacing
+        fwd = pipeline.forward("POST", "h", "/v1/messages", raw, pipeline.Settings())
+        assert fwd is not None and type(fwd.doc) is SparseDocument and fwd.outcome is not None
+        assert fwd.forward == Document.parse(raw).edited(fwd.outcome.edits).encode()

@@ -82,3 +82,26 @@ def test_switch_interval_is_restored_after_each_job() -> None:
     assert w.join(5)
     time.sleep(0.01)
     assert during == [pytest.approx(0.0002)] and sys.getswitchinterval() == before
+
+
+def test_a_held_job_waits_for_its_release_and_keeps_the_order() -> None:
+    w = Worker()
+    seen: list[str] = []
+    w.submit(lambda: seen.append("a"), hold="flow-1")
+    w.submit(lambda: seen.append("b"))  # not held, but after a held job: waits with it
+    time.sleep(0.2)
+    assert seen == [] and w.pending == 2
+    w.release("flow-1")
+    w.release("unknown")  # a no-op
+    deadline = time.monotonic() + 5
+    while len(seen) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert seen == ["a", "b"]
+
+
+def test_join_releases_every_held_job() -> None:
+    w = Worker()
+    seen: list[int] = []
+    for i in range(3):
+        w.submit(functools.partial(seen.append, i), hold=f"flow-{i}")
+    assert w.join(5) and seen == [0, 1, 2]

@@ -9,6 +9,7 @@ edits on the parsed value, so callers can fingerprint the result without parsing
 
 from __future__ import annotations
 
+import ctypes
 import json
 import re
 from collections.abc import Iterable
@@ -338,15 +339,16 @@ class RawDocument:
         ops: list[tuple[int, int, str]] = []
         _container_ops_bytes(self.raw, list(self._top), tree, ops)
         ops.sort(key=lambda op: op[0])
-        out: list[bytes] = []
+        out: list[bytes | memoryview] = []
+        view = memoryview(self.raw)  # slices without copies: the join below copies once
         pos = 0
         for start, end, new in ops:
             if start < pos:
                 raise ValueError("overlapping edits")
-            out.append(self.raw[pos:start])
+            out.append(view[pos:start])
             out.append(new.encode("utf-8"))
             pos = end
-        out.append(self.raw[pos:])
+        out.append(view[pos:])
         return b"".join(out)
 
 
@@ -411,3 +413,189 @@ def _members_of_bytes(raw: bytes, i: int, value: Any) -> list[_Member] | None:
     except (TypeError, IndexError):  # orjson.JSONEncodeError: a lone surrogate, a big integer
         return None
     return members
+
+
+# --- validate the whole body, decode only what the rules read (the forwarding path's fastest case) ----------
+
+try:  # a C extension: without it `SparseDocument.parse` declines and the caller parses in full
+    import msgspec
+except ImportError:  # pragma: no cover
+    msgspec = None  # type: ignore[assignment]
+
+
+class _PyBuffer(ctypes.Structure):  # Py_buffer (C API, stable ABI since 3.11)
+    _fields_ = [
+        ("buf", ctypes.c_void_p), ("obj", ctypes.c_void_p), ("len", ctypes.c_ssize_t),
+        ("itemsize", ctypes.c_ssize_t), ("readonly", ctypes.c_int), ("ndim", ctypes.c_int),
+        ("format", ctypes.c_char_p), ("shape", ctypes.c_void_p), ("strides", ctypes.c_void_p),
+        ("suboffsets", ctypes.c_void_p), ("internal", ctypes.c_void_p),
+    ]  # fmt: skip
+
+
+_get_buffer = ctypes.pythonapi.PyObject_GetBuffer
+_get_buffer.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
+_get_buffer.restype = ctypes.c_int
+_release_buffer = ctypes.pythonapi.PyBuffer_Release
+_release_buffer.argtypes = [ctypes.POINTER(_PyBuffer)]
+_release_buffer.restype = None
+
+
+def _address(obj: Any) -> int:
+    """Where the bytes of a buffer (bytes, msgspec.Raw) start in memory."""
+    view = _PyBuffer()
+    if _get_buffer(obj, ctypes.byref(view), 0) != 0:  # pragma: no cover (ctypes raises first)
+        raise ValueError("no buffer")
+    try:
+        return int(view.buf or 0)
+    finally:
+        _release_buffer(ctypes.byref(view))
+
+
+if msgspec is not None:
+    _Raw: Any = msgspec.Raw
+    _Scalar = str | int | float | bool | None
+    #: A list element: an object with its values left undecoded (each a `msgspec.Raw` view of the body),
+    #: a list of undecoded values, or a scalar.
+    _Element = dict[str, _Raw] | list[_Raw] | _Scalar
+    #: The body: every top-level member decoded one level deep (lists two: their objects' members stay
+    #: undecoded). Every byte is still validated as JSON (except UTF-8: checked separately).
+    _TOP_DECODER: Any = msgspec.json.Decoder(dict[str, list[_Element] | dict[str, _Raw] | _Scalar])
+    _RAW_ERRORS: tuple[type[Exception], ...] = (msgspec.MsgspecError, RecursionError)
+else:  # pragma: no cover
+    _Raw = type(None)
+    _TOP_DECODER = None
+    _RAW_ERRORS = ()
+
+
+def undecoded(value: Any) -> bool:
+    """Whether `value` (from `SparseDocument.scan`) is an undecoded JSON value (a `msgspec.Raw`)."""
+    return isinstance(value, _Raw)
+
+
+def decode(value: Any) -> Any:
+    """The Python value of one undecoded JSON value from `SparseDocument.scan` (valid JSON: validated)."""
+    return orjson.loads(memoryview(value))
+
+
+def utf8_ok(raw: bytes) -> bool:
+    """Whether `raw` is valid UTF-8, as `bytes.decode` says (ASCII in one fast pass)."""
+    if raw.isascii():
+        return True
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class SparseDocument:
+    """A body validated in full (msgspec, UTF-8) whose top-level members are located exactly in the bytes,
+    with only some of them decoded to Python values (the others stay `scan` nodes).
+
+    `scan` returns None for anything it cannot prove (duplicate top-level keys, a top-level scalar not in
+    compact form, a top-level list ending in a scalar next to undecoded objects, nesting deeper than the
+    parser allows, invalid JSON or UTF-8): the caller then parses in full and gets the exact answer,
+    error included. `edited_bytes` splices like `RawDocument.edited_bytes` (same positions, same text), and
+    raises ValueError for an edit inside a member that is not decoded in full.
+    """
+
+    raw: bytes
+    value: dict[str, Any]  # the decoded members; the others as `scan` left them
+    _top: tuple[_Member, ...]
+
+    @staticmethod
+    def scan(raw: bytes) -> list[_Member] | None:
+        """Validate `raw` and locate each top-level member; a member's `value` is its node: a scalar, a
+        dict of undecoded values, or a list of elements (objects as dicts of undecoded values)."""
+        if _TOP_DECODER is None:
+            return None
+        try:
+            top = _TOP_DECODER.decode(raw)
+        except _RAW_ERRORS:
+            return None
+        if not utf8_ok(raw):
+            return None
+        base = _address(raw)
+        n = len(raw)
+        j = _ws_bytes(raw, 0)
+        if raw[j : j + 1] != b"{":
+            return None
+        j = _ws_bytes(raw, j + 1)
+        members: list[_Member] = []
+        try:
+            for k, (key, node) in enumerate(top.items()):
+                if k:
+                    if raw[j] != 0x2C:  # ","
+                        return None
+                    j = _ws_bytes(raw, j + 1)
+                start = j
+                token = orjson.dumps(key)
+                if not raw.startswith(token, j):
+                    return None
+                j = _ws_bytes(raw, j + len(token))
+                if raw[j] != 0x3A:  # ":"
+                    return None
+                j = _ws_bytes(raw, j + 1)
+                end = _extent(raw, base, j, node)
+                if end < 0:
+                    return None
+                members.append(_Member(key, start, j, end, node))
+                j = _ws_bytes(raw, end)
+            if raw[j] != 0x7D or _ws_bytes(raw, j + 1) != n:  # "}" and nothing after it
+                return None  # more members in the bytes than in the dict (duplicate keys), or junk
+        except (IndexError, TypeError):  # orjson.JSONEncodeError: a key or scalar orjson cannot write
+            return None
+        return members
+
+    @classmethod
+    def build(cls, raw: bytes, members: list[_Member], value: dict[str, Any]) -> SparseDocument:
+        """The document of `scan`'s members with `value` (member name -> what the caller decoded)."""
+        top = tuple(m._replace(value=value[str(m.key)]) for m in members)
+        return cls(raw, value, top)
+
+    def full(self, member: _Member) -> Any:
+        """The complete Python value of one top-level member."""
+        return orjson.loads(memoryview(self.raw)[member.value_start : member.end])
+
+    def edited_bytes(self, edits: Iterable[Edit]) -> bytes:
+        """The bytes with `edits` spliced in (ValueError: an edit the bytes alone cannot prove)."""
+        return RawDocument(self.raw, self.value, self._top).edited_bytes(edits)
+
+
+def _extent(raw: bytes, base: int, j: int, node: Any) -> int:
+    """One past the end of the top-level value that starts at `j` and decoded to `node`; -1 if unproven."""
+    if isinstance(node, dict):
+        return _close(raw, base, j, 0x7B, 0x7D, node.values())
+    if isinstance(node, list):
+        if not node:
+            return _close(raw, base, j, 0x5B, 0x5D, ())
+        last = node[-1]
+        if isinstance(last, dict) and last:
+            end = _close(raw, base, -1, 0x7B, 0x7D, last.values())
+            k = _ws_bytes(raw, end) if end >= 0 else -1
+            return k + 1 if k >= 0 and raw[j] == 0x5B and raw[k] == 0x5D else -1
+        if any(isinstance(e, dict | list) for e in node):
+            return -1  # an undecoded object or list, then a scalar at the end: no address to go by
+        token = orjson.dumps(node)  # a list of scalars: proven by its compact form
+        return j + len(token) if raw.startswith(token, j) else -1
+    token = orjson.dumps(node)
+    return j + len(token) if raw.startswith(token, j) else -1
+
+
+def _close(raw: bytes, base: int, j: int, open_: int, close: int, values: Iterable[Any]) -> int:
+    """One past the closing bracket of the container whose undecoded member values are `values` (at `j`
+    when known, -1: not checked); the last value in the bytes is the one at the highest address."""
+    last = max(values, key=_address, default=None)
+    if last is None:
+        if raw[j] != open_:
+            return -1
+        k = _ws_bytes(raw, j + 1)
+        return k + 1 if raw[k] == close else -1
+    if j >= 0 and raw[j] != open_:
+        return -1
+    at = _address(last) - base
+    if not 0 <= at <= len(raw) - len(last) or not raw.startswith(last, at):
+        return -1  # not a view of these bytes
+    k = _ws_bytes(raw, at + len(last))
+    return k + 1 if raw[k] == close else -1

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from dataclasses import field
 from typing import Any
 
+import orjson
+
 from stableprefix.core import billing
 from stableprefix.core import record as records
 from stableprefix.core import shapes
@@ -25,7 +27,10 @@ from stableprefix.core.fingerprint import fingerprint
 from stableprefix.core.jsonedit import Document
 from stableprefix.core.jsonedit import Edit
 from stableprefix.core.jsonedit import RawDocument
+from stableprefix.core.jsonedit import SparseDocument
 from stableprefix.core.jsonedit import apply_edits
+from stableprefix.core.jsonedit import decode
+from stableprefix.core.jsonedit import undecoded
 from stableprefix.core.rules import Outcome
 from stableprefix.core.rules import Rule
 from stableprefix.core.rules import StickyMemory
@@ -45,6 +50,20 @@ class Settings:
     rules: tuple[Rule, ...] = tuple(builtin_rules())
     observe: bool = False  # hash and log, rewrite nothing
     passthrough: tuple[str, ...] = DEFAULT_PASSTHROUGH
+
+    @functools.cached_property
+    def sparse_scopes(self) -> frozenset[str] | None:
+        """The slot scopes when the forwarding path may decode only the members and messages the enabled
+        rules read (every enabled rule edits text of some roles, none a path or the tools); else None."""
+        scopes = self.slot_scopes
+        if scopes is None or "tool" in scopes:
+            return None
+        for r in self.rules:
+            if r.enabled and (
+                r.matcher is None or any(s.kind not in ("system", "messages") for s in r.scopes)
+            ):
+                return None
+        return scopes
 
     @functools.cached_property
     def slot_scopes(self) -> frozenset[str] | None:
@@ -115,7 +134,7 @@ class Forward:
     headers: Mapping[str, str]
     settings: Settings
     sticky: StickyMemory | None = None
-    doc: Document | RawDocument | None = None
+    doc: Document | RawDocument | SparseDocument | None = None
     shape: Shape | None = None
     session: str = ""
     outcome: Outcome | None = None
@@ -155,7 +174,7 @@ def forward(
     fwd = Forward(None, record, raw, headers or {}, settings, sticky)
     if settings.observe or settings.is_passthrough(host) or not guard_hits(settings.rules, raw):
         return fwd  # no rule can change these bytes: they go out as they came, `analyse` parses them
-    if not _parse(fwd):
+    if not _sparse(fwd) and not _parse(fwd):
         return fwd
     assert fwd.doc is not None and fwd.shape is not None
     try:
@@ -163,7 +182,8 @@ def forward(
         fwd.outcome = apply(fwd.shape, settings.rules, fwd.session, sticky)
         if fwd.outcome.edits:
             fwd.forward = _edited(fwd.doc, fwd.outcome.edits)
-            fwd.body = apply_edits(fwd.doc.value, fwd.outcome.edits)
+            if not isinstance(fwd.doc, SparseDocument):  # else `analyse` edits the full value
+                fwd.body = apply_edits(fwd.doc.value, fwd.outcome.edits)
             record["rewritten"] = True
     except Exception as e:  # a bug must never cost a request: forward the original bytes, say why once
         fwd.forward = fwd.body = None
@@ -172,14 +192,93 @@ def forward(
     return fwd
 
 
-def _edited(doc: Document | RawDocument, edits: list[Edit]) -> bytes:
+def _edited(doc: Document | RawDocument | SparseDocument, edits: list[Edit]) -> bytes:
     """The body bytes with `edits` spliced in (through `Document` when a container is not compact)."""
-    if isinstance(doc, RawDocument):
+    if isinstance(doc, RawDocument | SparseDocument):
         try:
             return doc.edited_bytes(edits)
         except ValueError:
             return Document.parse(doc.raw).edited(edits).encode("utf-8")
     return doc.edited(edits).encode("utf-8")
+
+
+#: Top-level members decoded in full on the sparse path, per API (besides ``metadata``: the session id);
+#: the lists of messages (or items) are decoded only as far as the wanted roles.
+_SPARSE_FULL: dict[shapes.Api, tuple[str, ...]] = {
+    shapes.Api.ANTHROPIC: ("system",),
+    shapes.Api.ANTHROPIC_COUNT: ("system",),
+    shapes.Api.OPENAI_CHAT: (),
+    shapes.Api.OLLAMA_CHAT: (),
+    shapes.Api.OPENAI_RESPONSES: ("instructions",),
+    shapes.Api.OLLAMA_GENERATE: ("system", "prompt"),
+}
+_SPARSE_LISTS: dict[shapes.Api, str] = {
+    shapes.Api.ANTHROPIC: "messages",
+    shapes.Api.ANTHROPIC_COUNT: "messages",
+    shapes.Api.OPENAI_CHAT: "messages",
+    shapes.Api.OLLAMA_CHAT: "messages",
+    shapes.Api.OPENAI_RESPONSES: "input",
+}
+
+
+def _sparse(fwd: Forward) -> bool:
+    """The forwarding path's fastest case: validate the whole body without building it, decode only the
+    members and messages the enabled text rules read, detect the shape on that. False (nothing set) when
+    it does not apply or cannot prove something: the caller parses in full, which gives the exact answer
+    (errors included)."""
+    scopes = fwd.settings.sparse_scopes
+    api = shapes.api_for_path(fwd.record["path"])
+    if scopes is None or api is None:
+        return False
+    members = SparseDocument.scan(fwd.raw)
+    if members is None:
+        return False
+    full = {*_SPARSE_FULL[api], "metadata"}
+    listed = _SPARSE_LISTS.get(api)
+    value: dict[str, Any] = {}
+    only: list[int] | None = None
+    try:
+        for m in members:
+            if m.key in full:
+                value[str(m.key)] = (
+                    m.value if not isinstance(m.value, dict | list) else decode_member(fwd.raw, m)
+                )
+            elif m.key == listed and isinstance(m.value, list):
+                only = _wanted(m.value, scopes)
+                if only is None:
+                    return False
+                value[str(m.key)] = m.value
+            else:
+                value[str(m.key)] = m.value  # not read by the shape or the text rules
+        doc = SparseDocument.build(fwd.raw, members, value)
+        shape = shapes.detect(fwd.record["path"], value, fwd.settings.slot_scopes, only)
+    except (ValueError, RecursionError):  # a shape error, or orjson refusing what msgspec took
+        return False
+    if shape is None:
+        return False
+    fwd.doc, fwd.shape = doc, shape
+    return True
+
+
+def decode_member(raw: bytes, member: Any) -> Any:
+    """The full Python value of a top-level member located by `SparseDocument.scan`."""
+    return decode(memoryview(raw)[member.value_start : member.end])
+
+
+def _wanted(items: list[Any], scopes: frozenset[str]) -> list[int] | None:
+    """The indices of the messages (or Responses items) the shape must read: those whose role is wanted or
+    may be (system, developer, not a string, no role); each of them is decoded in full in place, the
+    others stay undecoded. None when an item is not an object (the full parse says why)."""
+    if not all(isinstance(e, dict) for e in items):
+        return None
+    roles = orjson.loads(b"[" + b",".join([e.get("role", b"null") for e in items]) + b"]")  # no role: null
+    wanted = [k for k, r in enumerate(roles) if type(r) is not str or r in _SYSTEMISH or r in scopes]
+    for k in wanted:
+        items[k] = {key: decode(v) if undecoded(v) else v for key, v in items[k].items()}
+    return wanted
+
+
+_SYSTEMISH = frozenset({"system", "developer"})
 
 
 def _parse(fwd: Forward) -> bool:
@@ -212,6 +311,12 @@ def analyse(fwd: Forward) -> Result:
     """Everything that does not change the bytes: billing fields, session, fingerprint; for bodies the
     forwarding path did not parse, the parse (and in observe mode the rules) too."""
     record = fwd.record
+    if isinstance(fwd.doc, SparseDocument) and fwd.warning is None:
+        try:
+            _complete(fwd)
+        except (ValueError, RecursionError) as e:  # the bytes went on edited; only the analysis fails
+            _internal_error(fwd, e)
+            return Result(fwd.forward, record, warning=fwd.warning)
     if fwd.warning is None and fwd.doc is None and not _parse(fwd):
         return Result(None, record, warning=fwd.warning)
     if fwd.warning is not None:
@@ -222,6 +327,23 @@ def analyse(fwd: Forward) -> Result:
     except Exception as e:
         _internal_error(fwd, e)
         return Result(fwd.forward, record, fwd.doc.value, warning=fwd.warning)
+
+
+def _complete(fwd: Forward) -> None:
+    """After the sparse forwarding path: the full value, its shape and the body as forwarded."""
+    try:
+        value = orjson.loads(fwd.raw)
+    except ValueError:  # deeper than orjson goes, an integer beyond 64 bits: the exact parser
+        value = Document.parse(fwd.raw).value
+    if not isinstance(value, dict):
+        raise ValueError("top level is not an object")
+    shape = shapes.detect(fwd.record["path"], value, fwd.settings.slot_scopes)
+    if shape is None:
+        raise ValueError("no shape")
+    fwd.doc = RawDocument(fwd.raw, value, ())  # the value only: the bytes were edited already
+    fwd.shape = shape
+    if fwd.outcome is not None and fwd.outcome.edits:
+        fwd.body = apply_edits(value, fwd.outcome.edits)
 
 
 def _normalise(fwd: Forward) -> Result:

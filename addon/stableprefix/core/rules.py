@@ -323,7 +323,9 @@ def guard_hits(rules: Iterable[Rule], raw: bytes) -> bool:
         guards.extend(g.encode() for g in r.guard)
     if not guards:
         return False
-    return any(raw.find(g) >= 0 for g in dict.fromkeys(guards)) or may_hide_guard(raw)
+    # From the end: Claude Code sends ``system`` (the billing header) and ``tools`` after the messages, so
+    # the usual hit is found after a few kilobytes; "any occurrence" is the same answer either way.
+    return any(raw.rfind(g) >= 0 for g in dict.fromkeys(guards)) or may_hide_guard(raw)
 
 
 # --- built-in rules -----------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ fingerprint hashes: system texts, tools, the remaining messages, render-affectin
 from __future__ import annotations
 
 from collections.abc import Iterator
+from collections.abc import Sequence
 from dataclasses import dataclass
 from dataclasses import field
 from enum import StrEnum
@@ -87,13 +88,21 @@ def api_for_path(path: str) -> Api | None:
     return next((api for suffix, api in _PATH_SUFFIXES if p.endswith(suffix)), None)
 
 
-def detect(path: str, body: dict[str, Any], scopes: frozenset[str] | None = None) -> Shape | None:
+def detect(
+    path: str, body: dict[str, Any], scopes: frozenset[str] | None = None, only: Sequence[int] | None = None
+) -> Shape | None:
     """The shape of a parsed request body; None for an unknown path, ShapeError for a known path with a bad
-    body. With `scopes`, only messages of those scopes (roles, "system") get text slots."""
+    body. With `scopes`, only messages of those scopes (roles, "system") get text slots. With `only`, only
+    those indices of the messages (or Responses items) are read: the caller vouches that every other one
+    is an object whose role is a string outside `scopes`, "system" and "developer" (the sparse path)."""
     api = api_for_path(path)
     if api is None:
         return None
-    return Shape(api, body, list(_SLOTS[api](body, scopes)))
+    return Shape(api, body, list(_SLOTS[api](body, scopes, only)))
+
+
+def _indexed(items: list[Any], only: Sequence[int] | None) -> Iterator[tuple[int, Any]]:
+    return enumerate(items) if only is None else ((k, items[k]) for k in only)
 
 
 def _req(cond: bool, what: str) -> None:
@@ -131,7 +140,9 @@ def _content_slots(content: Any, base: JsonPath, scope: str, message: JsonPath) 
             yield from _content_slots(block.get("content"), (*base, j, "content"), "tool", (*base, j))
 
 
-def _anthropic_slots(body: dict[str, Any], scopes: frozenset[str] | None) -> Iterator[TextSlot]:
+def _anthropic_slots(
+    body: dict[str, Any], scopes: frozenset[str] | None, only: Sequence[int] | None = None
+) -> Iterator[TextSlot]:
     messages: Any = body.get("messages")
     _req(isinstance(messages, list), "messages is not a list")
     system = body.get("system")
@@ -146,7 +157,7 @@ def _anthropic_slots(body: dict[str, Any], scopes: frozenset[str] | None) -> Ite
                 first = False
     else:
         _req(system is None, "system is neither a string nor a list")
-    for k, m in enumerate(messages):
+    for k, m in _indexed(messages, only):
         _req(isinstance(m, dict), f"messages[{k}] is not an object")
         role = m.get("role")
         scope = "system" if role == "system" else str(role)
@@ -154,10 +165,12 @@ def _anthropic_slots(body: dict[str, Any], scopes: frozenset[str] | None) -> Ite
             yield from _content_slots(m.get("content"), ("messages", k, "content"), scope, ("messages", k))
 
 
-def _openai_chat_slots(body: dict[str, Any], scopes: frozenset[str] | None) -> Iterator[TextSlot]:
+def _openai_chat_slots(
+    body: dict[str, Any], scopes: frozenset[str] | None, only: Sequence[int] | None = None
+) -> Iterator[TextSlot]:
     messages: Any = body.get("messages")
     _req(isinstance(messages, list), "messages is not a list")
-    for k, m in enumerate(messages):
+    for k, m in _indexed(messages, only):
         _req(isinstance(m, dict), f"messages[{k}] is not an object")
         role = m.get("role")
         scope = "system" if role in SYSTEM_ROLES else str(role)
@@ -165,7 +178,9 @@ def _openai_chat_slots(body: dict[str, Any], scopes: frozenset[str] | None) -> I
             yield from _content_slots(m.get("content"), ("messages", k, "content"), scope, ("messages", k))
 
 
-def _openai_responses_slots(body: dict[str, Any], scopes: frozenset[str] | None) -> Iterator[TextSlot]:
+def _openai_responses_slots(
+    body: dict[str, Any], scopes: frozenset[str] | None, only: Sequence[int] | None = None
+) -> Iterator[TextSlot]:
     instructions = body.get("instructions")
     if isinstance(instructions, str):
         yield TextSlot(("instructions",), instructions, "system", ("instructions",), lead=True)
@@ -174,7 +189,7 @@ def _openai_responses_slots(body: dict[str, Any], scopes: frozenset[str] | None)
         yield TextSlot(("input",), items, "user", None)
         return
     _req(items is None or isinstance(items, list), "input is neither a string nor a list")
-    for k, item in enumerate(items if isinstance(items, list) else []):
+    for k, item in _indexed(items if isinstance(items, list) else [], only):
         _req(isinstance(item, dict), f"input[{k}] is not an object")
         role = item.get("role")
         if role is not None:
@@ -185,7 +200,9 @@ def _openai_responses_slots(body: dict[str, Any], scopes: frozenset[str] | None)
             yield TextSlot(("input", k, "output"), item["output"], "tool", None)
 
 
-def _ollama_generate_slots(body: dict[str, Any], scopes: frozenset[str] | None) -> Iterator[TextSlot]:
+def _ollama_generate_slots(
+    body: dict[str, Any], scopes: frozenset[str] | None, only: Sequence[int] | None = None
+) -> Iterator[TextSlot]:
     if isinstance(body.get("system"), str):
         yield TextSlot(("system",), body["system"], "system", ("system",), lead=True)
     if isinstance(body.get("prompt"), str):

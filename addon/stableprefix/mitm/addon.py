@@ -264,10 +264,12 @@ class StablePrefix:
             req.content = fwd.forward  # re-encodes Content-Encoding, fixes Content-Length
         entry = _Entry(flow, round(time.time(), 3), extra)
         self._entries[flow.id] = entry
-        hold = bool(ctx.options.stableprefix_affinity_header) and self._loop is not None
-        if hold:  # the key depends on the stream the analysis finds: this flow waits for it
-            entry.held = asyncio.Event()
-        self.worker.submit(lambda: self._analyse(entry, fwd), len(raw))
+        if ctx.options.stableprefix_affinity_header and self._loop is not None:
+            entry.held = asyncio.Event()  # the key depends on the stream the analysis finds: the flow waits
+        # held until this hook has returned and mitmproxy has handed the request on (the next turn of the
+        # event loop): the analysis does not compete for the interpreter with this flow's forwarding
+        self.worker.submit(lambda: self._analyse(entry, fwd), len(raw), hold=flow.id)
+        self._release(flow.id)
         if ctx.options.stableprefix_affinity_header and self._loop is None:
             self.drain()  # no event loop (tests): deliver the analysis, and the header, before returning
         waits: list[Awaitable[Any]] = [entry.held.wait()] if entry.held is not None else []
@@ -461,6 +463,7 @@ class StablePrefix:
         entry = self._entries.pop(flow.id, None)
         resp = flow.response
         if entry is None or resp is None:
+            self._release(flow.id)
             return None
         self._remember_loop()
         held = self._hold_for_record(entry)
@@ -477,12 +480,14 @@ class StablePrefix:
             else:
                 self.analyzer.response(record, status, headers, _decoded(raw, encoding))
 
-        self.worker.submit(lambda: self._complete(entry, complete), len(raw or b""))
+        self.worker.submit(lambda: self._complete(entry, complete), len(raw or b""), hold=flow.id)
+        self._release(flow.id)  # the analysis and this completion, once the answer is passed on
         return held
 
     def error(self, flow: http.HTTPFlow) -> Awaitable[bool] | None:
         entry = self._entries.pop(flow.id, None)
         if entry is None:
+            self._release(flow.id)
             return None
         self._remember_loop()
         held = self._hold_for_record(entry)
@@ -501,8 +506,17 @@ class StablePrefix:
             else:
                 self.analyzer.error(record, msg, status)
 
-        self.worker.submit(lambda: self._complete(entry, complete))
+        self.worker.submit(lambda: self._complete(entry, complete), hold=flow.id)
+        self._release(flow.id)
         return held
+
+    def _release(self, flow_id: str) -> None:
+        """Let the held jobs of this flow run once the current hook has returned and mitmproxy has passed
+        the message on (it writes in the same turn of the event loop; this runs in the next)."""
+        try:
+            asyncio.get_running_loop().call_soon(self.worker.release, flow_id)
+        except RuntimeError:  # no event loop (tests): now
+            self.worker.release(flow_id)
 
     def _finish(self, flow: http.HTTPFlow, record: dict[str, Any]) -> None:
         flow.metadata[META_KEY] = record

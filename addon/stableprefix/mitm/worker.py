@@ -27,6 +27,8 @@ DEFAULT_MAX_JOBS = 10_000
 #: While a job runs, the interpreter's thread switch interval (default 5 ms): the event loop thread then
 #: waits at most this long for the GIL when it has a flow to forward.
 SWITCH_INTERVAL = 0.0005
+#: How often the thread looks again at a held job at the head of the queue (a release wakes it at once).
+HOLD_SECONDS = 0.05
 
 
 class Worker:
@@ -37,11 +39,14 @@ class Worker:
         budget: int = DEFAULT_BUDGET,
         max_jobs: int = DEFAULT_MAX_JOBS,
         switch_interval: float | None = SWITCH_INTERVAL,
+        hold_seconds: float = HOLD_SECONDS,
     ) -> None:
         self.budget = budget
         self.max_jobs = max_jobs
         self.switch_interval = switch_interval
-        self._jobs: collections.deque[tuple[Callable[[], object], int]] = collections.deque()
+        self.hold_seconds = hold_seconds
+        self._jobs: collections.deque[tuple[Callable[[], object], int, object]] = collections.deque()
+        self._held: set[object] = set()  # keys of held jobs not released yet
         self._cond = threading.Condition()
         self._queued = 0  # bytes held by waiting and running jobs
         self._running = False
@@ -52,24 +57,38 @@ class Worker:
 
     # --- submitting --------------------------------------------------------------------------------------
 
-    def submit(self, job: Callable[[], object], size: int = 0) -> None:
-        """Queue `job` (never blocks); `size` counts against the budget until the job has run."""
+    def submit(self, job: Callable[[], object], size: int = 0, hold: object = None) -> None:
+        """Queue `job` (never blocks); `size` counts against the budget until the job has run. With a `hold`
+        key, the job (and every job after it: the order stays) waits until `release(hold)` or `join`; the
+        caller must release it (the addon does, once the hook has returned and the message is passed on).
+        A held job does not wake the thread: the request hook hands its flow on without a thread switch."""
         with self._cond:
-            self._jobs.append((job, size))
+            if hold is not None:
+                self._held.add(hold)
+            self._jobs.append((job, size, hold))
             self._queued += size
             self.peak_bytes = max(self.peak_bytes, self._queued)
             self.peak_jobs = max(self.peak_jobs, len(self._jobs))
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="stableprefix-analysis", daemon=True)
                 self._thread.start()
-            self._cond.notify_all()
+            if hold is None:
+                self._cond.notify_all()
+
+    def release(self, hold: object) -> None:
+        """Let the job submitted with this `hold` key run (a no-op for an unknown or released key)."""
+        with self._cond:
+            if hold in self._held:
+                self._held.discard(hold)
+                self._cond.notify_all()
 
     def over_budget(self) -> bool:
         with self._cond:
             return self._over()
 
     def _over(self) -> bool:
-        return len(self._jobs) > 1 and (self._queued > self.budget or len(self._jobs) > self.max_jobs)
+        waiting = len(self._jobs) + self._running  # the running job counts: its bytes are still held
+        return waiting > 1 and (self._queued > self.budget or len(self._jobs) > self.max_jobs)
 
     async def room(self) -> None:
         """Wait (on the event loop, without blocking it) until the queue is back within its budget."""
@@ -92,6 +111,8 @@ class Worker:
     def join(self, timeout: float | None = None) -> bool:
         """Block until every submitted job has run; False on timeout."""
         with self._cond:
+            self._held.clear()  # whoever joins wants the results now
+            self._cond.notify_all()
             return self._cond.wait_for(lambda: not self._jobs and not self._running, timeout)
 
     @property
@@ -108,7 +129,11 @@ class Worker:
                     if not self._cond.wait(timeout=30.0) and not self._jobs:
                         self._thread = None  # idle: end; the next submit starts a new thread
                         return
-                job, size = self._jobs.popleft()
+                job, size, hold = self._jobs[0]
+                if hold is not None and hold in self._held:
+                    self._cond.wait(self.hold_seconds)  # released or joined (notified), else look again
+                    continue
+                self._jobs.popleft()
                 self._running = True
             previous = sys.getswitchinterval()
             if self.switch_interval is not None:
