@@ -54,7 +54,7 @@ Record = TypedDict(
         "cause": str | None,
         "reusable_chars": int,
         "reusable_tokens_est": int,
-        "interleaved_side": int,
+        "interleaved_side": bool,
         "interleaved_other": bool,
         "nearest_stream": str | None,
         "shareable_chars": int,
