@@ -40,6 +40,7 @@ from stableprefix.core.record import summary_lines
 from stableprefix.mitm import contentview  # noqa: F401  (registers the "stableprefix" content view)
 from stableprefix.mitm import options
 from stableprefix.mitm.jsonl import JsonlWriter
+from stableprefix.mitm.worker import HOLD_SECONDS
 from stableprefix.mitm.worker import Worker
 
 logger = logging.getLogger("stableprefix")
@@ -258,10 +259,10 @@ class StablePrefix:
             req.content = fwd.forward  # re-encodes Content-Encoding, fixes Content-Length
         entry = _Entry(flow, round(time.time(), 3), extra)
         self._entries[flow.id] = entry
-        # held until this hook has returned and mitmproxy has handed the request on (the next turn of the
-        # event loop): the analysis does not compete for the interpreter with this flow's forwarding
+        # held until the response has been passed on (at most HOLD_SECONDS): the analysis does not
+        # compete for the interpreter with this flow's own forwarding
         self.worker.submit(lambda: self._analyse(entry, fwd), len(raw), hold=flow.id)
-        self._release(flow.id)
+        self._release(flow.id, HOLD_SECONDS)
         if self.worker.over_budget():
             if self._loop is not None:
                 return self.worker.room()
@@ -279,9 +280,11 @@ class StablePrefix:
         except Exception as e:  # fail open: the request went on; no record, one warning
             msg = f"stableprefix: internal error ({type(e).__name__}: {e}); traffic passes unchanged"
             self._post(lambda: logger.warning(msg))
+            self._post(entry.wake)
             return
         entry.record = record
         self._post(lambda: self._analysed(entry, record, result.warning, before))
+        self._post(entry.wake)
 
     def _analysed(
         self, entry: _Entry, record: dict[str, Any], warning: str | None, before: dict[str, Any] | None
@@ -370,12 +373,12 @@ class StablePrefix:
 
         resp.stream = tee  # stream on, chunk by chunk, unchanged
 
-    def response(self, flow: http.HTTPFlow) -> None:
+    def response(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         entry = self._entries.pop(flow.id, None)
         resp = flow.response
         if entry is None or resp is None:
             self._release(flow.id)
-            return
+            return None
         self._remember_loop()
         status, feed = resp.status_code, entry.feed
         raw, encoding = resp.raw_content, resp.headers.get("content-encoding")
@@ -392,6 +395,7 @@ class StablePrefix:
 
         self.worker.submit(lambda: self._complete(entry, complete), len(raw or b""), hold=flow.id)
         self._release(flow.id)  # the analysis and this completion, once the answer is passed on
+        return self._saved_complete(entry)
 
     def error(self, flow: http.HTTPFlow) -> None:
         entry = self._entries.pop(flow.id, None)
@@ -417,13 +421,28 @@ class StablePrefix:
         self.worker.submit(lambda: self._complete(entry, complete), hold=flow.id)
         self._release(flow.id)
 
-    def _release(self, flow_id: str) -> None:
+    def _release(self, flow_id: str, delay: float = 0.0) -> None:
         """Let the held jobs of this flow run once the current hook has returned and mitmproxy has passed
-        the message on (it writes in the same turn of the event loop; this runs in the next)."""
+        the message on (the next turn of the event loop), or after `delay` seconds."""
         try:
-            asyncio.get_running_loop().call_soon(self.worker.release, flow_id)
+            loop = asyncio.get_running_loop()
         except RuntimeError:  # no event loop (tests): now
             self.worker.release(flow_id)
+            return
+        if delay:
+            loop.call_later(delay, self.worker.release, flow_id)
+        else:
+            loop.call_soon(self.worker.release, flow_id)
+
+    def _saved_complete(self, entry: _Entry) -> Awaitable[None] | None:
+        """When mitmproxy saves flows (``save_stream_file``, written at the response), an awaitable that
+        lets the response wait for this flow's analysis, so the saved flow carries its record."""
+        saving = getattr(ctx.options, "save_stream_file", None)
+        if entry.left_alone or entry.analysed or not saving or self._loop is None:
+            return None
+        entry.waiter = self._loop.create_future()
+        self.worker.release(entry.flow.id)
+        return entry.waiter
 
     def _finish(self, flow: http.HTTPFlow, record: dict[str, Any]) -> None:
         flow.metadata[META_KEY] = record
@@ -456,7 +475,7 @@ class StablePrefix:
 class _Entry:
     """A handled flow between its hooks: its record (once analysed) and the parser of a streamed answer."""
 
-    __slots__ = ("extra", "feed", "flow", "left_alone", "record", "ts")
+    __slots__ = ("analysed", "extra", "feed", "flow", "left_alone", "record", "ts", "waiter")
 
     def __init__(
         self,
@@ -472,6 +491,14 @@ class _Entry:
         self.record = record
         self.left_alone = left_alone
         self.feed: SSEFeed | None = None
+        self.analysed = False
+        self.waiter: asyncio.Future[None] | None = None
+
+    def wake(self) -> None:
+        """Event loop: the analysis has run (its results are on the flow); a waiting response goes on."""
+        self.analysed = True
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
 
 
 def _decoded(raw: bytes | None, encoding: str | None) -> bytes | None:
