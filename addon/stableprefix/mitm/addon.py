@@ -42,6 +42,7 @@ from stableprefix.mitm import contentview  # noqa: F401  (registers the "stablep
 from stableprefix.mitm import options
 from stableprefix.mitm.access import ClientAllowlist
 from stableprefix.mitm.jsonl import JsonlWriter
+from stableprefix.mitm.worker import HOLD_SECONDS
 from stableprefix.mitm.worker import Worker
 
 logger = logging.getLogger("stableprefix")
@@ -266,10 +267,10 @@ class StablePrefix:
         self._entries[flow.id] = entry
         if ctx.options.stableprefix_affinity_header and self._loop is not None:
             entry.held = asyncio.Event()  # the key depends on the stream the analysis finds: the flow waits
-        # held until this hook has returned and mitmproxy has handed the request on (the next turn of the
-        # event loop): the analysis does not compete for the interpreter with this flow's forwarding
+        # held until the response has been passed on (at most HOLD_SECONDS): the analysis does not compete
+        # for the interpreter with this flow's own forwarding; a flow waiting for its affinity key: at once
         self.worker.submit(lambda: self._analyse(entry, fwd), len(raw), hold=flow.id)
-        self._release(flow.id)
+        self._release(flow.id, 0.0 if entry.held is not None else HOLD_SECONDS)
         if ctx.options.stableprefix_affinity_header and self._loop is None:
             self.drain()  # no event loop (tests): deliver the analysis, and the header, before returning
         waits: list[Awaitable[Any]] = [entry.held.wait()] if entry.held is not None else []
@@ -510,13 +511,18 @@ class StablePrefix:
         self._release(flow.id)
         return held
 
-    def _release(self, flow_id: str) -> None:
+    def _release(self, flow_id: str, delay: float = 0.0) -> None:
         """Let the held jobs of this flow run once the current hook has returned and mitmproxy has passed
-        the message on (it writes in the same turn of the event loop; this runs in the next)."""
+        the message on (the next turn of the event loop), or after `delay` seconds."""
         try:
-            asyncio.get_running_loop().call_soon(self.worker.release, flow_id)
+            loop = asyncio.get_running_loop()
         except RuntimeError:  # no event loop (tests): now
             self.worker.release(flow_id)
+            return
+        if delay:
+            loop.call_later(delay, self.worker.release, flow_id)
+        else:
+            loop.call_soon(self.worker.release, flow_id)
 
     def _finish(self, flow: http.HTTPFlow, record: dict[str, Any]) -> None:
         flow.metadata[META_KEY] = record

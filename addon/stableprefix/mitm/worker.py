@@ -27,8 +27,9 @@ DEFAULT_MAX_JOBS = 10_000
 #: While a job runs, the interpreter's thread switch interval (default 5 ms): the event loop thread then
 #: waits at most this long for the GIL when it has a flow to forward.
 SWITCH_INTERVAL = 0.0005
-#: How often the thread looks again at a held job at the head of the queue (a release wakes it at once).
-HOLD_SECONDS = 0.05
+#: How long the addon holds the analysis of a request at most (`submit(hold=...)`): until its response has
+#: been passed on, or this long (a long prefill or stream, a flow held in mitmweb), whichever comes first.
+HOLD_SECONDS = 0.5
 
 
 class Worker:
@@ -60,7 +61,7 @@ class Worker:
     def submit(self, job: Callable[[], object], size: int = 0, hold: object = None) -> None:
         """Queue `job` (never blocks); `size` counts against the budget until the job has run. With a `hold`
         key, the job (and every job after it: the order stays) waits until `release(hold)` or `join`; the
-        caller must release it (the addon does, once the hook has returned and the message is passed on).
+        caller must release it (the addon does, once the response is passed on, or after HOLD_SECONDS).
         A held job does not wake the thread: the request hook hands its flow on without a thread switch."""
         with self._cond:
             if hold is not None:
@@ -131,7 +132,7 @@ class Worker:
                         return
                 job, size, hold = self._jobs[0]
                 if hold is not None and hold in self._held:
-                    self._cond.wait(self.hold_seconds)  # released or joined (notified), else look again
+                    self._cond.wait(self.hold_seconds)  # released or joined (notified); look again
                     continue
                 self._jobs.popleft()
                 self._running = True
