@@ -215,6 +215,12 @@ def test_tui_two_prompts_side_requests_are_side_and_main_turns_append_only(tui: 
     assert (b1["system"], b1["tools"]) == (b2["system"], b2["tools"])
     n = len(b1["messages"])
     assert messages_as_rendered(b2["messages"][:n]) == messages_as_rendered(b1["messages"])
-    # the one-slot upstream lost the conversation to the side request: the addon says why, with remedies
-    assert m2["cached_tokens"] < 0.5 * m1["prompt_tokens"] and m2["miss"] == "server"
-    assert tui.addon.wait_for(EVICTION_NOTICE, timeout=10), tui.addon.output()[-2000:]
+    # The TUI sends side requests concurrently with the turns: whether one reached the one-slot upstream
+    # between the two main turns is read from the upstream's own order of arrival, not from the addon.
+    order = ["main" if b.get("tools") else "side" for b in received]
+    first, second = [i for i, kind in enumerate(order) if kind == "main"]
+    if "side" in order[first + 1 : second]:  # the slot was lost: the addon says why, with remedies
+        assert m2["cached_tokens"] < 0.5 * m1["prompt_tokens"] and m2["miss"] == "server"
+        assert tui.addon.wait_for(EVICTION_NOTICE, timeout=10), tui.addon.output()[-2000:]
+    else:  # the side request came after the second turn reached the upstream: the prefix was reused
+        assert m2["cached_tokens"] >= 0.5 * m1["prompt_tokens"] and m2["miss"] is None
