@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the harness l
 
 from stableprefix.cli import process  # noqa: E402
 from tests.support import llama as ls  # noqa: E402
+from tests.support.helpers import make_repo  # noqa: E402
 
 
 def machine() -> str:
@@ -108,18 +109,6 @@ def claude_bin() -> Path:
         return Path(env)
     out = subprocess.run(["bash", str(CLAUDE_INSTALLER)], capture_output=True, text=True, check=True).stdout
     return Path(out.strip().splitlines()[-1].removeprefix("CLAUDE_BIN="))
-
-
-def make_repo(root: Path) -> Path:
-    repo = root / "repo"
-    repo.mkdir()
-    git = ["git", "-c", "user.email=dev@example.com", "-c", "user.name=dev", "-c", "init.defaultBranch=main"]
-    subprocess.run([*git, "init", "-q"], cwd=repo, check=True)
-    (repo / "README.md").write_text("# demo\n\nA small project.\n")
-    (repo / "app.py").write_text("print('hello')\n")
-    subprocess.run([*git, "add", "."], cwd=repo, check=True)
-    subprocess.run([*git, "commit", "-qm", "init"], cwd=repo, check=True)
-    return repo
 
 
 @dataclass

@@ -31,6 +31,7 @@ from stableprefix.report import jsondoc  # noqa: E402
 from stableprefix.report import readers  # noqa: E402
 from stableprefix.report import text as report_text  # noqa: E402
 from tests.support import llama as ls  # noqa: E402
+from tests.support.helpers import make_repo  # noqa: E402
 
 #: A small model rambles until max_tokens (Claude Code asks for 32,000; llama-server's -n does not cap a request's
 #: max_tokens) and Claude Code asks a capped answer to continue: this mitmproxy script, loaded after the
@@ -76,18 +77,6 @@ PROMPTS = [
     ("Now say goodbye.", "--continue"),
     ("What does app.py print?",),
 ]
-
-
-def make_repo(root: Path) -> Path:
-    repo = root / "repo"
-    repo.mkdir()
-    git = ["git", "-c", "user.email=dev@example.com", "-c", "user.name=dev", "-c", "init.defaultBranch=main"]
-    subprocess.run([*git, "init", "-q"], cwd=repo, check=True)
-    (repo / "README.md").write_text("# demo\n\nA small project.\n")
-    (repo / "app.py").write_text("print('hello')\n")
-    subprocess.run([*git, "add", "."], cwd=repo, check=True)
-    subprocess.run([*git, "commit", "-qm", "init"], cwd=repo, check=True)
-    return repo
 
 
 def claude(bin_: str, url: str, home: Path, repo: Path, prompt: str, *extra: str) -> None:

@@ -32,6 +32,7 @@ from mitmproxy import io as mitm_io
 from stableprefix.demo.upstream import Reply
 from stableprefix.demo.upstream import Upstream
 from tests.conftest import MitmFactory
+from tests.support.helpers import make_repo
 
 pytestmark = pytest.mark.e2e
 
@@ -116,18 +117,6 @@ class Setup:
         with self.flows.open("rb") as f:
             flows = [fl for fl in mitm_io.FlowReader(f).stream() if isinstance(fl, http.HTTPFlow)]
         return [fl.request for fl in flows if fl.request.method == "POST"]
-
-
-def make_repo(root: Path) -> Path:
-    repo = root / "repo"
-    repo.mkdir()
-    git = ["git", "-c", "user.email=dev@example.com", "-c", "user.name=dev", "-c", "init.defaultBranch=main"]
-    subprocess.run([*git, "init", "-q"], cwd=repo, check=True)
-    (repo / "README.md").write_text("# demo\n\nA small project.\n")
-    (repo / "app.py").write_text("print('hello')\n")
-    subprocess.run([*git, "add", "."], cwd=repo, check=True)
-    subprocess.run([*git, "commit", "-qm", "init"], cwd=repo, check=True)
-    return repo
 
 
 def start(

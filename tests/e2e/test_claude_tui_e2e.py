@@ -35,9 +35,9 @@ from stableprefix.demo.upstream import Reply
 from stableprefix.demo.upstream import Upstream
 from tests.conftest import MitmFactory
 from tests.e2e.test_claude_cli_e2e import CLAUDE_BIN
-from tests.e2e.test_claude_cli_e2e import make_repo
 from tests.e2e.test_claude_cli_e2e import requires_cli
 from tests.e2e.test_claude_cli_e2e import without_header
+from tests.support.helpers import make_repo
 from tests.support.helpers import read_records
 from tests.support.helpers import wait_until
 from tests.support.tui import Terminal

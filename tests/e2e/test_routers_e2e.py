@@ -34,9 +34,9 @@ from stableprefix.demo.upstream import Upstream
 from tests.conftest import MitmFactory
 from tests.e2e.test_claude_cli_e2e import CLAUDE_BIN
 from tests.e2e.test_claude_cli_e2e import Answers
-from tests.e2e.test_claude_cli_e2e import make_repo
 from tests.support import routers
 from tests.support.helpers import assert_only_deleted
+from tests.support.helpers import make_repo
 from tests.support.helpers import read_records
 from tests.support.helpers import wait_until
 

@@ -29,10 +29,10 @@ import pytest
 
 from stableprefix.cli import process
 from tests.e2e.test_claude_cli_e2e import CLAUDE_BIN
-from tests.e2e.test_claude_cli_e2e import make_repo
 from tests.e2e.test_routers_e2e import skip_reason
 from tests.support import llama as ls
 from tests.support import routers
+from tests.support.helpers import make_repo
 from tests.support.helpers import read_records
 from tests.support.helpers import wait_until
 

@@ -8,6 +8,7 @@ import http.client
 import ipaddress
 import json
 import socket
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -118,3 +119,16 @@ def assert_only_deleted(sent: bytes, forwarded: bytes, gone: bytes = b"x-anthrop
     assert gone in deleted and gone not in forwarded, "the expected span was not what went"
     json.loads(forwarded)  # still a JSON document
     return bytes(deleted)
+
+
+def make_repo(root: Path) -> Path:
+    """A small git repository under `root` for the real Claude Code CLI to work in."""
+    repo = root / "repo"
+    repo.mkdir()
+    git = ["git", "-c", "user.email=dev@example.com", "-c", "user.name=dev", "-c", "init.defaultBranch=main"]
+    subprocess.run([*git, "init", "-q"], cwd=repo, check=True)
+    (repo / "README.md").write_text("# demo\n\nA small project.\n")
+    (repo / "app.py").write_text("print('hello')\n")
+    subprocess.run([*git, "add", "."], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-qm", "init"], cwd=repo, check=True)
+    return repo
