@@ -8,6 +8,9 @@ import os.path
 import tracemalloc
 from typing import Any
 
+import pytest
+
+from stableprefix.core import fingerprint as fingerprint_module
 from stableprefix.core import pipeline
 from stableprefix.core import record as records
 from stableprefix.core import streams
@@ -78,8 +81,10 @@ def test_only_the_same_upstream_is_compared() -> None:
     assert other["nearest_stream"] is None and other["reusable_chars"] == 0
 
 
-def test_recent_heads_stay_bounded_over_10000_streams() -> None:
-    """Memory: every request a new conversation (another first prompt); what the tracker keeps is capped."""
+def test_recent_heads_stay_bounded_over_10000_streams(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Memory: every request a new conversation (another first prompt); what the tracker keeps is capped.
+    The canonical memo is bounded by bytes (64 MB); a small one here, so that 5,000 streams pass its cap."""
+    monkeypatch.setattr(fingerprint_module, "_MEMO", fingerprint_module.CanonicalMemo(256 * 1024))
     t = streams.Tracker()
     tools = [
         {"name": n, "input_schema": {"type": "object"}} for n in ("a", "b", "c")
@@ -90,7 +95,7 @@ def test_recent_heads_stay_bounded_over_10000_streams() -> None:
                       [{"role": "user", "content": f"question {i}"}], {"model": "m"})  # fmt: skip
         fp = fingerprint(parts)
         rec = {"host": "h", "api": "anthropic-messages", "session": None, **fp.as_record()}
-        return t.observe(rec, detail(parts, None, fp.message_bytes), parts, 4096)
+        return t.observe(rec, detail(parts, None, fp), parts, 4096)
 
     tracemalloc.start()
     try:

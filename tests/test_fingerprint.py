@@ -6,6 +6,7 @@ import hashlib
 import json
 from typing import Any
 
+import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -193,3 +194,27 @@ def test_detail_other_apis() -> None:
     assert len(d.system) == 1 and dict(d.system[0].masks).keys() == {"date"}
     assert [t[0] for t in d.tools] == ["f"]
     assert [m.role for m in d.messages] == ["user", "assistant"] and d.messages[1].blocks == ()
+
+
+def test_the_memo_is_bounded_in_bytes_least_recently_used_out() -> None:
+    values = [{"role": "user", "content": str(i) * 100} for i in range(4)]
+    keys = [orjson.dumps(v) for v in values]
+    one = len(keys[0]) + len(fpm.canonical_dump(values[0])) + fpm.MEMO_ENTRY_BYTES  # what an entry counts
+    memo = fpm.CanonicalMemo(cap_bytes=3 * one + one // 2)  # room for three
+    memo.entries(values[:3])
+    assert len(memo) == 3
+    memo.entries(values[:1])  # the first is used again: the second is now the oldest
+    memo.entries(values[3:])
+    assert len(memo) == 3 and memo.size <= memo.cap_bytes
+    assert set(memo._items) == {keys[0], keys[2], keys[3]}
+
+
+def test_values_orjson_refuses_are_computed_not_memoised() -> None:
+    memo = fpm.CanonicalMemo()
+    big, lone = {"n": 2**70}, {"t": "\ud800"}
+    got = memo.entries([big, lone])
+    assert [d for d, _ in got] == [
+        b'{"n":1180591620717411303424}',
+        '{"t":"\ud800"}'.encode("utf-8", "surrogatepass"),
+    ]
+    assert len(memo) == 0

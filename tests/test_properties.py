@@ -657,6 +657,19 @@ def test_canonical_dump_is_canonical_bytes_of_canonical(value: Any) -> None:
 
 
 @PROFILE
+@given(st.lists(json_values, max_size=4))
+def test_the_memo_gives_the_canonical_bytes_first_time_and_again(values: list[Any]) -> None:
+    """Keyed by plain JSON: a hit must be the canonical form of the value asked for, not of another one
+    (``1`` and ``1.0``, ``true`` and ``1``, ``"content": "x"`` and its one-block form share no key)."""
+    memo = fingerprint.CanonicalMemo(1 << 20)
+    want = [fingerprint.canonical_bytes(fingerprint.canonical(v)) for v in values]
+    for _ in range(2):
+        got = memo.entries(values)
+        assert [data for data, _ in got] == want
+        assert [h for _, h in got] == [fingerprint.short_sha(w) for w in want]
+
+
+@PROFILE
 @given(st.dictionaries(st.text(max_size=6), json_values, max_size=5), styles)
 def test_document_parse_reads_what_json_reads(value: dict[str, Any], style: str) -> None:
     raw = serialise(value, style)

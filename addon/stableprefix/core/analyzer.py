@@ -179,7 +179,7 @@ class Analyzer:
             if result.parts is not None
             else shapes.parts(shapes.Api(result.record["api"]), result.body)
         )
-        detail = fingerprint.detail(parts, result.body, result.fingerprint.message_bytes)
+        detail = fingerprint.detail(parts, result.body, result.fingerprint)
         streams.adopt_session(result.record, result.body)
         rec = fwd.record
         counterpart = self._counterpart(
@@ -215,14 +215,15 @@ class Analyzer:
             if result.original_body is None:
                 return None
             before = shapes.parts(shapes.Api(rec["api"]), result.original_body)
-            fp = fingerprint.fingerprint(before)
-            d = fingerprint.detail(before, result.original_body, fp.message_bytes)
+            like = (parts, result.fingerprint) if result.fingerprint is not None else None
+            fp = fingerprint.fingerprint(before, like)
+            d = fingerprint.detail(before, result.original_body, fp)
             return streams.Counterpart(fp.as_record(), d, before.system, True, tuple(fired))
         active = pipeline.Settings(self.settings.rules, False, self.settings.passthrough)
         after = pipeline.process(method, host, path, raw, active, headers or {}, self.sticky)
         if after is None or after.body is None or after.fingerprint is None or after.parts is None:
             return None
-        d = fingerprint.detail(after.parts, after.body, after.fingerprint.message_bytes)
+        d = fingerprint.detail(after.parts, after.body, after.fingerprint)
         return streams.Counterpart(after.fingerprint.as_record(), d, after.parts.system, False, tuple(fired))
 
     # --- response ---------------------------------------------------------------------------------------

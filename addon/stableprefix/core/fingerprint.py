@@ -19,6 +19,7 @@ import json
 import re
 import threading
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from dataclasses import field
 from typing import Any
@@ -81,12 +82,22 @@ def _walk(value: Any, floats: list[float]) -> Any:
 
 
 def canonical_dump(value: Any) -> bytes:
-    """``canonical_bytes(canonical(value))``, faster.
+    """``canonical_bytes(canonical(value))``, computed (`memoised` for the values that recur).
 
     orjson writes the same bytes as ``json.dumps(sort_keys=True, ensure_ascii=False, separators=(",", ":"))``
     except for floats below 1e-4 (``1e-05`` vs ``0.00001``), integers beyond 64 bits and lone surrogates
     (orjson refuses the last two): values holding a float or refused by orjson take the json path.
     """
+    return _canonical_dump(value)
+
+
+def memoised(value: Any) -> bytes:
+    """`canonical_dump` through the memo: the messages, tools and system of a conversation recur on every
+    turn."""
+    return _MEMO.entries([value])[0][0]
+
+
+def _canonical_dump(value: Any) -> bytes:
     floats: list[float] = []
     canon = _walk(value, floats)
     if not floats:
@@ -95,6 +106,79 @@ def canonical_dump(value: Any) -> bytes:
         except TypeError:  # orjson.JSONEncodeError: big integer, lone surrogate
             pass
     return canonical_bytes(canon)
+
+
+#: Bytes the memo keeps at most (least recently used out first), counting `MEMO_ENTRY_BYTES` per entry.
+MEMO_CAP_BYTES = 64 * 1024 * 1024
+MEMO_ENTRY_BYTES = 256  # key, tuple, hash text and dict slot of one entry, roughly
+
+
+class CanonicalMemo:
+    """(canonical bytes, short hash) of JSON values keyed by their plain orjson bytes: equal plain bytes are
+    an equal value, so an equal canonical form. Bounded in bytes (keys included); safe across threads."""
+
+    def __init__(self, cap_bytes: int = MEMO_CAP_BYTES) -> None:
+        self.cap_bytes = cap_bytes
+        self._items: OrderedDict[bytes, tuple[bytes, str]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def entries(
+        self, values: list[Any], known: Mapping[int, tuple[bytes, str]] | None = None
+    ) -> list[tuple[bytes, str]]:
+        """(canonical bytes, `short_sha` of them) of each value; `known`: entries by ``id()`` of values
+        the caller holds alive (the same message objects before and after the rules)."""
+        keys: list[bytes | None] = []
+        out: list[tuple[bytes, str] | None] = [None] * len(values)
+        for i, v in enumerate(values):
+            if known and (entry := known.get(id(v))) is not None:
+                out[i] = entry
+                keys.append(None)
+                continue
+            try:
+                keys.append(orjson.dumps(v))
+            except TypeError:  # a big integer, a lone surrogate: no key, computed each time
+                keys.append(None)
+        items = self._items
+        with self._lock:
+            for i, k in enumerate(keys):
+                if k is not None and (hit := items.get(k)) is not None:
+                    items.move_to_end(k)
+                    out[i] = hit
+        missed: list[tuple[bytes, tuple[bytes, str]]] = []
+        for i, v in enumerate(values):
+            if out[i] is None:
+                data = _canonical_dump(v)
+                out[i] = entry = (data, short_sha(data))
+                if (k := keys[i]) is not None and len(k) + len(data) <= self.cap_bytes // 4:
+                    # copies: orjson's bytes keep their over-allocated buffer (4 KB for a short value)
+                    missed.append((bytes(memoryview(k)), (bytes(memoryview(data)), entry[1])))
+        if missed:
+            with self._lock:
+                for k, entry in missed:
+                    if k not in items:
+                        items[k] = entry
+                        self._bytes += len(k) + len(entry[0]) + MEMO_ENTRY_BYTES
+                while self._bytes > self.cap_bytes:
+                    k, entry = items.popitem(last=False)
+                    self._bytes -= len(k) + len(entry[0]) + MEMO_ENTRY_BYTES
+        return out  # type: ignore[return-value]  # every slot is filled
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def size(self) -> int:
+        """Canonical bytes held."""
+        return self._bytes
+
+
+_MEMO = CanonicalMemo()
 
 
 def sha(data: bytes) -> str:
@@ -114,6 +198,8 @@ class Fingerprint:
     message_chars: list[int]
     #: canonical bytes of each message, for `detail` to reuse; not part of the record
     message_bytes: list[bytes] = field(default_factory=list, repr=False, compare=False)
+    #: `short_sha` of each message's canonical bytes (`Message.hash`); not part of the record
+    message_hashes: list[str] = field(default_factory=list, repr=False, compare=False)
 
     def as_record(self) -> dict[str, Any]:
         return {f: getattr(self, f) for f in RECORD_FIELDS}
@@ -138,18 +224,30 @@ def prefix_hashes(parts: Parts) -> tuple[str, str, str]:
 
 
 def _prefix(parts: Parts) -> tuple[str, str, str, int]:
-    tools = canonical_dump(parts.tools)
-    system_hash, tools_hash = sha(canonical_dump(parts.system)), sha(tools)
+    tools = memoised(parts.tools)
+    system_hash, tools_hash = sha(memoised(parts.system)), sha(tools)
     return system_hash, tools_hash, sha(f"{system_hash}{tools_hash}".encode()), len(tools)
 
 
-def fingerprint(parts: Parts) -> Fingerprint:
-    """Hashes of a request's parts (see the module docstring for the canonical form)."""
+def fingerprint(parts: Parts, like: tuple[Parts, Fingerprint] | None = None) -> Fingerprint:
+    """Hashes of a request's parts (see the module docstring for the canonical form); `like`: another
+    request's parts and fingerprint whose message objects these parts may share (the body before and
+    after the rules): a shared message is not serialised again."""
     system_hash, tools_hash, prefix_hash, tools_chars = _prefix(parts)
     params_hash = sha(canonical_dump(parts.params))
     link = sha(f"{prefix_hash}{params_hash}".encode())
     chain: list[str] = []
-    data_list = [canonical_dump(m) for m in parts.messages]
+    known = None
+    if like is not None and len(like[1].message_hashes) == len(like[0].messages):
+        other, fp = like
+        known = {
+            id(m): e
+            for m, e in zip(
+                other.messages, zip(fp.message_bytes, fp.message_hashes, strict=True), strict=True
+            )
+        }
+    entries = _MEMO.entries(parts.messages, known)
+    data_list = [e[0] for e in entries]
     for data in data_list:
         h = hashlib.sha256(link.encode())
         h.update(data)
@@ -166,6 +264,7 @@ def fingerprint(parts: Parts) -> Fingerprint:
         tools_chars,
         [len(d) for d in data_list],
         data_list,
+        [e[1] for e in entries],
     )
 
 
@@ -321,24 +420,40 @@ def message_detail(message: Any, data: bytes | None = None) -> Message:
     """Role, hash, per-block detail and conversation key of one message (`data`: its canonical bytes)."""
     if data is None:
         data = canonical_dump(message)
-    h = short_sha(data)
+    return message_details([message], [(data, short_sha(data))])[0]
+
+
+def message_details(messages: list[Any], entries: list[tuple[bytes, str]]) -> list[Message]:
+    """`message_detail` of each message, given their (canonical bytes, short hash) (`CanonicalMemo.entries`);
+    a message seen before comes from the cache."""
+    out: list[Message | None] = [None] * len(messages)
     with _CACHE_LOCK:
-        hit = _MESSAGE_CACHE.get(h)
-        if hit is not None:
-            _MESSAGE_CACHE.move_to_end(h)
-            return hit
+        for i, (_, h) in enumerate(entries):
+            if (hit := _MESSAGE_CACHE.get(h)) is not None:
+                _MESSAGE_CACHE.move_to_end(h)
+                out[i] = hit
+    new: list[Message] = []
+    for i, message in enumerate(messages):
+        if out[i] is None:
+            out[i] = m = _message_detail(message, *entries[i])
+            new.append(m)
+    if new:
+        with _CACHE_LOCK:
+            for m in new:
+                _MESSAGE_CACHE[m.hash] = m
+            while len(_MESSAGE_CACHE) > _MESSAGE_CACHE_CAP:
+                _MESSAGE_CACHE.popitem(last=False)
+    return out  # type: ignore[return-value]  # every slot is filled
+
+
+def _message_detail(message: Any, data: bytes, h: str) -> Message:
     canon = canonical(message)
     role = str(canon.get("role", canon.get("type", ""))) if isinstance(canon, dict) else ""
     content = canon.get("content") if isinstance(canon, dict) else None
     blocks = tuple(_block(b) for b in content) if isinstance(content, list) else ()
     texts = [mask_all(t) for b in (content if isinstance(content, list) else []) for t in _block_texts(b)]
     key = short_sha(canonical_dump([role, texts]))
-    out = Message(role, h, blocks, len(data), key)
-    with _CACHE_LOCK:
-        _MESSAGE_CACHE[h] = out
-        if len(_MESSAGE_CACHE) > _MESSAGE_CACHE_CAP:
-            _MESSAGE_CACHE.popitem(last=False)
-    return out
+    return Message(role, h, blocks, len(data), key)
 
 
 def _markers(value: Any, path: str, out: list[Any]) -> None:
@@ -353,23 +468,34 @@ def _markers(value: Any, path: str, out: list[Any]) -> None:
             _markers(v, f"{path}[{i}]", out)
 
 
-def detail(parts: Parts, body: Any = None, message_bytes: list[bytes] | None = None) -> Detail:
+def detail(parts: Parts, body: Any = None, fp: Fingerprint | None = None) -> Detail:
     """Per-block hashes of a request's parts; `body` (the normalised body) adds system cache markers;
-    `message_bytes` are the messages' canonical bytes when the caller has them (`Fingerprint.message_bytes`)."""
+    `fp`, the parts' fingerprint when the caller has it, gives the messages' canonical bytes and hashes."""
     system = tuple(
         Block("text", short_sha(t.encode("utf-8", "surrogatepass")), len(t), tuple(volatile_masks(t).items()))
         for t in parts.system
     )
-    tool_data = [canonical_dump(t) for t in parts.tools]
+    tool_entries = _MEMO.entries(parts.tools)
     tools = tuple(
-        (name, short_sha(data), len(data)) for name, data in zip(parts.tool_names, tool_data, strict=True)
+        (name, h, len(data)) for name, (data, h) in zip(parts.tool_names, tool_entries, strict=True)
     )
-    if message_bytes is None or len(message_bytes) != len(parts.messages):
-        message_bytes = [canonical_dump(m) for m in parts.messages]
-    messages = tuple(message_detail(m, d) for m, d in zip(parts.messages, message_bytes, strict=True))
+    if fp is not None and len(fp.message_hashes) == len(parts.messages):
+        entries = list(zip(fp.message_bytes, fp.message_hashes, strict=True))
+    else:
+        entries = _MEMO.entries(parts.messages)
+    messages = tuple(message_details(parts.messages, entries))
     system_key = short_sha(canonical_dump([mask_all(t) for t in parts.system]))
     markers: list[Any] = []
     if isinstance(body, dict) and isinstance(body.get("system"), list):
         _markers(body["system"], "system", markers)
-    _markers(parts.tools, "tools", markers)
+    if _may_hold_marker(parts.tools):
+        _markers(parts.tools, "tools", markers)
     return Detail(system, tools, messages, system_key, short_sha(canonical_bytes(markers)))
+
+
+def _may_hold_marker(value: Any) -> bool:
+    """False when `value` has no ``cache_control`` key: the key's JSON spelling is absent (never escaped)."""
+    try:
+        return b'"cache_control"' in orjson.dumps(value)
+    except TypeError:
+        return True
