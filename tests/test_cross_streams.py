@@ -83,8 +83,11 @@ def test_only_the_same_upstream_is_compared() -> None:
 
 def test_recent_heads_stay_bounded_over_10000_streams(monkeypatch: pytest.MonkeyPatch) -> None:
     """Memory: every request a new conversation (another first prompt); what the tracker keeps is capped.
-    The canonical memo is bounded by bytes (64 MB); a small one here, so that 5,000 streams pass its cap."""
+    The canonical memo (64 MB) and the chain steps (32,768) are bounded; small ones here, so that 5,000
+    streams pass their caps."""
     monkeypatch.setattr(fingerprint_module, "_MEMO", fingerprint_module.CanonicalMemo(256 * 1024))
+    monkeypatch.setattr(fingerprint_module, "_LINKS", {})
+    monkeypatch.setattr(fingerprint_module, "LINKS_CAP", 1000)
     t = streams.Tracker()
     tools = [
         {"name": n, "input_schema": {"type": "object"}} for n in ("a", "b", "c")

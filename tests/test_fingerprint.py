@@ -218,3 +218,25 @@ def test_values_orjson_refuses_are_computed_not_memoised() -> None:
         '{"t":"\ud800"}'.encode("utf-8", "surrogatepass"),
     ]
     assert len(memo) == 0
+
+
+def test_chain_steps_are_remembered_and_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A remembered step gives the link hashing would give; past the cap the oldest half goes."""
+    monkeypatch.setattr(fpm, "_LINKS", {})
+    monkeypatch.setattr(fpm, "LINKS_CAP", 10)
+    messages = [{"role": "user", "content": f"turn {i}"} for i in range(8)]
+    body = {"system": "s", "messages": messages}
+    first = fpm.fingerprint(parts(body))
+    assert len(fpm._LINKS) == 8
+    again = fpm.fingerprint(parts(body))  # every step from memory
+    assert again.chain == first.chain
+    link = fpm.sha(f"{first.prefix_hash}{first.params_hash}".encode())
+    for data, want in zip(first.message_bytes, first.chain, strict=True):
+        link = hashlib.sha256(link.encode() + data).hexdigest()
+        assert link[: fpm.CHAIN_HEX] == want
+    longer = {
+        "system": "s",
+        "messages": [*messages, *({"role": "user", "content": f"x{i}"} for i in range(4))],
+    }
+    fpm.fingerprint(parts(longer))
+    assert len(fpm._LINKS) <= 10

@@ -666,7 +666,7 @@ def test_the_memo_gives_the_canonical_bytes_first_time_and_again(values: list[An
     for _ in range(2):
         got = memo.entries(values)
         assert [data for data, _ in got] == want
-        assert [h for _, h in got] == [fingerprint.short_sha(w) for w in want]
+        assert [h for _, h in got] == [fingerprint.sha(w) for w in want]
 
 
 @PROFILE

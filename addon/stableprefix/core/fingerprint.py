@@ -15,6 +15,7 @@ no whitespace and UTF-8 text. Hashes are SHA-256 (hex):
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 import threading
@@ -114,7 +115,7 @@ MEMO_ENTRY_BYTES = 256  # key, tuple, hash text and dict slot of one entry, roug
 
 
 class CanonicalMemo:
-    """(canonical bytes, short hash) of JSON values keyed by their plain orjson bytes: equal plain bytes are
+    """(canonical bytes, SHA-256 hex) of JSON values keyed by their plain orjson bytes: equal plain bytes are
     an equal value, so an equal canonical form. Bounded in bytes (keys included); safe across threads."""
 
     def __init__(self, cap_bytes: int = MEMO_CAP_BYTES) -> None:
@@ -126,7 +127,7 @@ class CanonicalMemo:
     def entries(
         self, values: list[Any], known: Mapping[int, tuple[bytes, str]] | None = None
     ) -> list[tuple[bytes, str]]:
-        """(canonical bytes, `short_sha` of them) of each value; `known`: entries by ``id()`` of values
+        """(canonical bytes, `sha` of them) of each value; `known`: entries by ``id()`` of values
         the caller holds alive (the same message objects before and after the rules)."""
         keys: list[bytes | None] = []
         out: list[tuple[bytes, str] | None] = [None] * len(values)
@@ -149,7 +150,7 @@ class CanonicalMemo:
         for i, v in enumerate(values):
             if out[i] is None:
                 data = _canonical_dump(v)
-                out[i] = entry = (data, short_sha(data))
+                out[i] = entry = (data, sha(data))
                 if (k := keys[i]) is not None and len(k) + len(data) <= self.cap_bytes // 4:
                     # copies: orjson's bytes keep their over-allocated buffer (4 KB for a short value)
                     missed.append((bytes(memoryview(k)), (bytes(memoryview(data)), entry[1])))
@@ -198,7 +199,7 @@ class Fingerprint:
     message_chars: list[int]
     #: canonical bytes of each message, for `detail` to reuse; not part of the record
     message_bytes: list[bytes] = field(default_factory=list, repr=False, compare=False)
-    #: `short_sha` of each message's canonical bytes (`Message.hash`); not part of the record
+    #: `sha` of each message's canonical bytes (`Message.hash` is its head); not part of the record
     message_hashes: list[str] = field(default_factory=list, repr=False, compare=False)
 
     def as_record(self) -> dict[str, Any]:
@@ -229,6 +230,20 @@ def _prefix(parts: Parts) -> tuple[str, str, str, int]:
     return system_hash, tools_hash, sha(f"{system_hash}{tools_hash}".encode()), len(tools)
 
 
+#: `chain` steps already computed: (previous link, `sha` of the message's canonical bytes) -> next link.
+#: A conversation's earlier messages recur on every turn with the same links: one lookup instead of
+#: hashing their bytes again. Oldest entries out first, past `LINKS_CAP`.
+_LINKS: dict[tuple[str, str], str] = {}
+LINKS_CAP = 32_768  # ~400 bytes each: ~13 MB at most
+_LINKS_LOCK = threading.Lock()
+
+
+def _trim(links: dict[tuple[str, str], str]) -> None:
+    with _LINKS_LOCK:
+        for key in list(itertools.islice(links, max(0, len(links) - LINKS_CAP // 2))):
+            links.pop(key, None)
+
+
 def fingerprint(parts: Parts, like: tuple[Parts, Fingerprint] | None = None) -> Fingerprint:
     """Hashes of a request's parts (see the module docstring for the canonical form); `like`: another
     request's parts and fingerprint whose message objects these parts may share (the body before and
@@ -248,11 +263,18 @@ def fingerprint(parts: Parts, like: tuple[Parts, Fingerprint] | None = None) -> 
         }
     entries = _MEMO.entries(parts.messages, known)
     data_list = [e[0] for e in entries]
-    for data in data_list:
-        h = hashlib.sha256(link.encode())
-        h.update(data)
-        link = h.hexdigest()
+    links = _LINKS
+    for data, digest in entries:
+        key = (link, digest)
+        step = links.get(key)
+        if step is None:
+            h = hashlib.sha256(link.encode())
+            h.update(data)
+            links[key] = step = h.hexdigest()
+        link = step
         chain.append(link[:CHAIN_HEX])
+    if len(links) > LINKS_CAP:
+        _trim(links)
     return Fingerprint(
         system_hash,
         tools_hash,
@@ -420,22 +442,23 @@ def message_detail(message: Any, data: bytes | None = None) -> Message:
     """Role, hash, per-block detail and conversation key of one message (`data`: its canonical bytes)."""
     if data is None:
         data = canonical_dump(message)
-    return message_details([message], [(data, short_sha(data))])[0]
+    return message_details([message], [(data, sha(data))])[0]
 
 
 def message_details(messages: list[Any], entries: list[tuple[bytes, str]]) -> list[Message]:
-    """`message_detail` of each message, given their (canonical bytes, short hash) (`CanonicalMemo.entries`);
+    """`message_detail` of each message, given their (canonical bytes, `sha`) (`CanonicalMemo.entries`);
     a message seen before comes from the cache."""
     out: list[Message | None] = [None] * len(messages)
+    hashes = [h[:BLOCK_HEX] for _, h in entries]
     with _CACHE_LOCK:
-        for i, (_, h) in enumerate(entries):
+        for i, h in enumerate(hashes):
             if (hit := _MESSAGE_CACHE.get(h)) is not None:
                 _MESSAGE_CACHE.move_to_end(h)
                 out[i] = hit
     new: list[Message] = []
     for i, message in enumerate(messages):
         if out[i] is None:
-            out[i] = m = _message_detail(message, *entries[i])
+            out[i] = m = _message_detail(message, entries[i][0], hashes[i])
             new.append(m)
     if new:
         with _CACHE_LOCK:
@@ -477,7 +500,8 @@ def detail(parts: Parts, body: Any = None, fp: Fingerprint | None = None) -> Det
     )
     tool_entries = _MEMO.entries(parts.tools)
     tools = tuple(
-        (name, h, len(data)) for name, (data, h) in zip(parts.tool_names, tool_entries, strict=True)
+        (name, h[:BLOCK_HEX], len(data))
+        for name, (data, h) in zip(parts.tool_names, tool_entries, strict=True)
     )
     if fp is not None and len(fp.message_hashes) == len(parts.messages):
         entries = list(zip(fp.message_bytes, fp.message_hashes, strict=True))
