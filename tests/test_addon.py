@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from mitmproxy import exceptions
+from mitmproxy import hooks
 from mitmproxy import http
 from mitmproxy.addons import proxyserver
 from mitmproxy.test import taddons
@@ -681,6 +682,29 @@ async def test_request_hook_returns_before_the_analysis_and_the_loop_gets_the_re
         assert f.comment == "stableprefix: main first" and f.metadata[META_KEY] == r
         assert f.metadata[BEFORE_KEY]["changes"][0]["path"] == "system[0]"
         assert updates.flows.count(f.id) == 2  # once for the analysis, once for the completed record
+
+
+async def test_no_update_hook_is_triggered_when_no_addon_listens(monkeypatch: pytest.MonkeyPatch) -> None:
+    """mitmdump has no view: the flow updates skip the trip through every addon."""
+    triggered: list[Any] = []
+    a = StablePrefix()
+    with taddons.context(a) as tctx:
+        monkeypatch.setattr(tctx.master.addons, "trigger", triggered.append)
+        f = make_flow(SESSION.request(1))
+        a.request(f)
+        answer(f, usage(0, 8000))
+        a.response(f)
+        a.drain()
+        assert f.comment.startswith("stableprefix:")
+        assert not [e for e in triggered if isinstance(e, hooks.UpdateHook)]
+        updates = _Updates()
+        tctx.master.addons.add(updates)  # a listener comes: it is told from now on
+        g = make_flow(SESSION.request(2))
+        a.request(g)
+        answer(g, usage(0, 8000))
+        a.response(g)
+        a.drain()
+        assert [e for e in triggered if isinstance(e, hooks.UpdateHook)]
 
 
 def test_turns_queued_back_to_back_are_analysed_in_arrival_order(tmp_path: Path) -> None:

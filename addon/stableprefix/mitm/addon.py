@@ -19,6 +19,7 @@ from collections.abc import Awaitable
 from collections.abc import Sequence
 from typing import Any
 
+from mitmproxy import addonmanager
 from mitmproxy import command
 from mitmproxy import ctx
 from mitmproxy import exceptions
@@ -587,11 +588,27 @@ def _decoded(raw: bytes | None, encoding: str | None) -> bytes | None:
 
 
 def _updated(flow: http.HTTPFlow) -> None:
-    """Tell the UIs (mitmweb) that the flow changed after its hooks returned."""
+    """Tell the UIs (mitmweb) and any addon with an ``update`` hook that the flow changed after its hooks
+    returned; mitmdump has none: no trip through every addon for nothing."""
     try:
-        ctx.master.addons.trigger(hooks.UpdateHook([flow]))
+        addons = ctx.master.addons
+        if _listens(addons):
+            addons.trigger(hooks.UpdateHook([flow]))
     except Exception:  # no master (unit use) or a UI addon that fails: the flow itself is complete
         pass
+
+
+_LISTENERS: dict[int, tuple[int, bool]] = {}  # id(addon manager) -> (addons registered, any update hook)
+
+
+def _listens(addons: Any) -> bool:
+    """Whether an addon in the chain has an ``update`` hook (looked up again when addons come or go)."""
+    count = len(addons.lookup)
+    known = _LISTENERS.get(id(addons))
+    if known is None or known[0] != count:
+        found = any(callable(getattr(a, "update", None)) for a in addonmanager.traverse(addons.chain))
+        _LISTENERS[id(addons)] = known = (count, found)
+    return known[1]
 
 
 def _client_gone(message: str) -> bool:
