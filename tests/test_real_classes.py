@@ -97,3 +97,25 @@ def test_inline_system_keeps_the_classes_and_shares_the_environment_across_conve
     assert moved[2]["shareable_chars"] - default[2]["shareable_chars"] >= len(env) == 9258
     for subagent in _records(SUBAGENT, tuple(rl.switch(rl.builtin_rules(), on=["inline_system"]))):
         assert subagent["changed"] == {"billing": 1, "inline_system": 1}
+
+
+def test_env_block_pins_the_environment_lines_the_real_cli_sends() -> None:
+    """2.1.332 lists its environment (`` - Primary working directory: ...``, `` - OS Version: ...``) in an
+    inline system message; the opt-in env_block rule pins both values and leaves every other byte."""
+    settings = pipeline.Settings(rules=tuple(rl.switch(rl.builtin_rules(), on=["env_block"])))
+    flow = posts(TWO)[0]
+    sent = json.loads(flow.request.content or b"")
+    text = sent["messages"][1]["content"][0]["text"]
+    cwd = text.split(" - Primary working directory: ", 1)[1].split("\n", 1)[0]
+    os_version = text.split(" - OS Version: ", 1)[1].split("\n", 1)[0]
+    assert cwd.startswith("/tmp/") and os_version.startswith("Linux ")
+    result = pipeline.process("POST", "127.0.0.1", flow.request.path, flow.request.content or b"", settings)
+    assert result is not None and result.forward is not None
+    assert result.record["changed"] == {"billing": 1, "env_block": 2}
+    out = json.loads(result.forward)
+    want = text.replace(f"working directory: {cwd}\n", "working directory: /workspace\n")
+    want = want.replace(f"OS Version: {os_version}\n", "OS Version: unknown\n")
+    assert out["messages"][1]["content"][0]["text"] == want != text
+    sent["system"] = sent["system"][1:]  # the billing block: dropped by the default rule
+    sent["messages"][1]["content"][0]["text"] = want
+    assert out == sent

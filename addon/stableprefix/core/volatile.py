@@ -71,7 +71,8 @@ FIELDS: tuple[Field, ...] = (
         "env_block",
         "--set stableprefix_enable=env_block (pins the working directory and OS version lines)",
         scopes=("system",),
-        pattern=r"(?m)^(?:(?:Primary )?[Ww]orking directory: (?P<cwd>.*)|OS Version: (?P<os>.*))$",
+        # Claude Code 2.1.332 writes them as a list (" - Primary working directory: ..."), older ones bare
+        pattern=r"(?m)^(?: - )?(?:(?:Primary )?[Ww]orking directory: (?P<cwd>.*)|OS Version: (?P<os>.*))$",
         action="pin",
         value={"cwd": "/workspace", "os": "unknown"},
     ),
