@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import json
 import logging
 import os
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,16 @@ def answer(
 
 def usage(cached: int, fresh: int) -> dict[str, Any]:
     return {"type": "message", "usage": {"input_tokens": fresh, "cache_read_input_tokens": cached}}
+
+
+@contextlib.contextmanager
+def logging_to(tmp_path: Path) -> Iterator[tuple[StablePrefix, Path, Any]]:
+    """A configured addon writing its records to ``tmp_path/log.jsonl``: (addon, log path, test context)."""
+    log = tmp_path / "log.jsonl"
+    a = StablePrefix()
+    with taddons.context(a) as tctx:
+        tctx.configure(a, stableprefix_log=str(log))
+        yield a, log, tctx
 
 
 def warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -150,10 +162,7 @@ def test_billing_dropped_and_record_written_once_at_response(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    log = tmp_path / "log.jsonl"
-    a = StablePrefix()
-    with taddons.context(a) as tctx:
-        tctx.configure(a, stableprefix_log=str(log))
+    with logging_to(tmp_path) as (a, log, tctx):
         body = SESSION.request(1)
         f = make_flow(body)
         a.request(f)
@@ -278,10 +287,7 @@ def test_malformed_body_forwarded_unchanged_with_one_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    log = tmp_path / "log.jsonl"
-    a = StablePrefix()
-    with taddons.context(a) as tctx:
-        tctx.configure(a, stableprefix_log=str(log))
+    with logging_to(tmp_path) as (a, log, tctx):
         raw = b'{"model": "m", "messages": [oops'
         f = make_flow(raw)
         a.request(f)
@@ -320,10 +326,7 @@ def test_streamed_request_body_is_skipped(caplog: pytest.LogCaptureFixture) -> N
 def test_undecodable_body_gets_a_record_like_other_bad_bodies(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    log = tmp_path / "log.jsonl"
-    a = StablePrefix()
-    with taddons.context(a) as tctx:
-        tctx.configure(a, stableprefix_log=str(log))
+    with logging_to(tmp_path) as (a, log, tctx):
         f = make_flow(SESSION.request(1))
         f.request.headers["content-encoding"] = "gzip"  # the body is not gzip
         raw_before = f.request.raw_content
@@ -338,10 +341,7 @@ def test_undecodable_body_gets_a_record_like_other_bad_bodies(
 
 
 def test_count_tokens(tmp_path: Path) -> None:
-    log = tmp_path / "log.jsonl"
-    a = StablePrefix()
-    with taddons.context(a) as tctx:
-        tctx.configure(a, stableprefix_log=str(log))
+    with logging_to(tmp_path) as (a, log, tctx):
         raw = (FIXTURES / "count_tokens_no_system.json").read_bytes()
         f = make_flow(raw, url="http://127.0.0.1:8080/v1/messages/count_tokens?beta=true")
         a.request(f)
@@ -393,10 +393,7 @@ def test_rules_file_reload_and_broken_edit(tmp_path: Path, caplog: pytest.LogCap
 
 
 def test_turns_get_verdicts_marks_and_comments(tmp_path: Path) -> None:
-    log = tmp_path / "log.jsonl"
-    a = StablePrefix()
-    with taddons.context(a) as tctx:
-        tctx.configure(a, stableprefix_log=str(log))
+    with logging_to(tmp_path) as (a, log, tctx):
         flows = []
         for k, body in enumerate([SESSION.request(1), SESSION.request(2), SESSION.request(3)]):
             if k == 2:
@@ -427,10 +424,7 @@ def test_sse_response_streams_unchanged_and_is_parsed(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    log = tmp_path / "log.jsonl"
-    a = StablePrefix()
-    with taddons.context(a) as tctx:
-        tctx.configure(a, stableprefix_log=str(log))
+    with logging_to(tmp_path) as (a, log, tctx):
         body = SESSION.request(1)
         body["stream"] = True
         f = make_flow(body)
@@ -482,10 +476,7 @@ def test_sse_not_set_for_unhandled_flows() -> None:
 
 def test_error_hook_writes_the_record(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
-    log = tmp_path / "log.jsonl"
-    a = StablePrefix()
-    with taddons.context(a) as tctx:
-        tctx.configure(a, stableprefix_log=str(log))
+    with logging_to(tmp_path) as (a, log, tctx):
         f = make_flow(SESSION.request(1))
         a.request(f)
         f.error = tflow.terr()
@@ -502,10 +493,7 @@ def test_error_hook_writes_the_record(tmp_path: Path, caplog: pytest.LogCaptureF
 
 
 def test_client_that_left_gets_no_status(tmp_path: Path) -> None:
-    log = tmp_path / "log.jsonl"
-    a = StablePrefix()
-    with taddons.context(a) as tctx:
-        tctx.configure(a, stableprefix_log=str(log))
+    with logging_to(tmp_path) as (a, log, tctx):
         f = make_flow(SESSION.request(1))
         a.request(f)
         f.error = tflow.terr("Client disconnected.")
@@ -516,10 +504,7 @@ def test_client_that_left_gets_no_status(tmp_path: Path) -> None:
 
 
 def test_interrupted_sse_keeps_the_evidence_seen(tmp_path: Path) -> None:
-    log = tmp_path / "log.jsonl"
-    a = StablePrefix()
-    with taddons.context(a) as tctx:
-        tctx.configure(a, stableprefix_log=str(log))
+    with logging_to(tmp_path) as (a, log, tctx):
         f = make_flow(SESSION.request(1))
         a.request(f)
         answer(f, b"", ctype="text/event-stream")
@@ -583,10 +568,7 @@ def test_commands_summary_and_reset(caplog: pytest.LogCaptureFixture) -> None:
 
 def test_done_logs_summary_and_flushes_pending(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
-    log = tmp_path / "log.jsonl"
-    a = StablePrefix()
-    with taddons.context(a) as tctx:
-        tctx.configure(a, stableprefix_log=str(log))
+    with logging_to(tmp_path) as (a, log, tctx):
         f = make_flow(SESSION.request(1))
         a.request(f)
         a.done()
@@ -711,10 +693,7 @@ async def test_no_update_hook_is_triggered_when_no_addon_listens(monkeypatch: py
 
 
 def test_turns_queued_back_to_back_are_analysed_in_arrival_order(tmp_path: Path) -> None:
-    log = tmp_path / "log.jsonl"
-    a = StablePrefix()
-    with taddons.context(a) as tctx:
-        tctx.configure(a, stableprefix_log=str(log))
+    with logging_to(tmp_path) as (a, log, tctx):
         flows = [make_flow(SESSION.request(k)) for k in range(1, 7)]
         for f in flows:  # all requests first, then all responses: nothing waits for the worker
             a.request(f)
@@ -754,10 +733,7 @@ def test_analysis_error_fails_open_with_one_warning(
 
 
 def test_done_waits_for_queued_analyses(tmp_path: Path) -> None:
-    log = tmp_path / "log.jsonl"
-    a = StablePrefix()
-    with taddons.context(a) as tctx:
-        tctx.configure(a, stableprefix_log=str(log))
+    with logging_to(tmp_path) as (a, log, tctx):
         f = make_flow(SESSION.request(1))
         a.request(f)
         answer(f, usage(0, 10))
@@ -771,10 +747,7 @@ def test_done_waits_for_queued_analyses(tmp_path: Path) -> None:
 
 
 async def test_a_left_alone_flow_gets_its_record_on_the_loop(tmp_path: Path) -> None:
-    log = tmp_path / "log.jsonl"
-    a = StablePrefix()
-    with taddons.context(a) as tctx:
-        tctx.configure(a, stableprefix_log=str(log))
+    with logging_to(tmp_path) as (a, log, tctx):
         f = make_flow(SESSION.request(1))
         f.request.stream = True  # the only flow: left alone, never analysed
         a.request(f)
