@@ -36,6 +36,7 @@ from stableprefix.core import pipeline
 from stableprefix.core import shapes
 from stableprefix.core import streams
 from stableprefix.core.fingerprint import canonical_bytes
+from stableprefix.core.jsonedit import apply_edits
 from stableprefix.core.rules import StickyMemory
 
 #: A server-side miss: the prefix was stable, yet the server reused less than expected by more than
@@ -181,10 +182,7 @@ class Analyzer:
         )
         detail = fingerprint.detail(parts, result.body, result.fingerprint)
         streams.adopt_session(result.record, result.body)
-        rec = fwd.record
-        counterpart = self._counterpart(
-            result, detail, parts, "POST", rec["host"], rec["path"], fwd.raw, fwd.headers
-        )
+        counterpart = self._counterpart(result, detail, parts)
         fields = self.tracker.observe(
             result.record, detail, parts, _max_tokens(result.body), self.log_context, counterpart
         )
@@ -192,18 +190,10 @@ class Analyzer:
         return result
 
     def _counterpart(
-        self,
-        result: pipeline.Result,
-        detail: fingerprint.Detail,
-        parts: shapes.Parts,
-        method: str,
-        host: str,
-        path: str,
-        raw: bytes,
-        headers: Mapping[str, str] | None,
+        self, result: pipeline.Result, detail: fingerprint.Detail, parts: shapes.Parts
     ) -> streams.Counterpart | None:
         """The request on the other side of the rules, for the savings: what the client sent (active mode),
-        or what the rules would forward (observe mode: the rules are run once more, rewriting nothing)."""
+        or what the rules would forward (observe mode: their edits applied to the body, rewriting nothing)."""
         rec = result.record
         if rec.get("passthrough"):
             return None
@@ -219,12 +209,16 @@ class Analyzer:
             fp = fingerprint.fingerprint(before, like)
             d = fingerprint.detail(before, result.original_body, fp)
             return streams.Counterpart(fp.as_record(), d, before.system, True, tuple(fired))
-        active = pipeline.Settings(self.settings.rules, False, self.settings.passthrough)
-        after = pipeline.process(method, host, path, raw, active, headers or {}, self.sticky)
-        if after is None or after.body is None or after.fingerprint is None or after.parts is None:
+        if not result.edits or result.body is None:
             return None
-        d = fingerprint.detail(after.parts, after.body, after.fingerprint)
-        return streams.Counterpart(after.fingerprint.as_record(), d, after.parts.system, False, tuple(fired))
+        # what the rules would forward: their edits on the body as it came (the messages they leave alone
+        # are the same objects, so the fingerprint does not serialise them again)
+        body = apply_edits(result.body, result.edits)
+        after = shapes.parts(shapes.Api(rec["api"]), body)
+        like = (parts, result.fingerprint) if result.fingerprint is not None else None
+        fp = fingerprint.fingerprint(after, like)
+        d = fingerprint.detail(after, body, fp)
+        return streams.Counterpart(fp.as_record(), d, after.system, False, tuple(fired))
 
     # --- response ---------------------------------------------------------------------------------------
 

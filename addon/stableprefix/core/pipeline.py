@@ -87,6 +87,8 @@ class Result:
     parts: shapes.Parts | None = None  # what the fingerprint hashed
     warning: str | None = None
     original_body: dict[str, Any] | None = field(default=None, repr=False)
+    #: the edits the rules made (observe mode: would make) to `original_body`
+    edits: list[Edit] = field(default_factory=list, repr=False)
 
 
 def session_id(headers: Mapping[str, str], body: Mapping[str, Any]) -> str:
@@ -373,7 +375,8 @@ def _normalise(fwd: Forward) -> Result:
     parts = shapes.parts(api, body)
     fp = fingerprint(parts)
     record.update(fp.as_record())
-    return Result(fwd.forward, record, body, fp, parts, original_body=doc.value)
+    edits = outcome.edits if outcome is not None else []
+    return Result(fwd.forward, record, body, fp, parts, original_body=doc.value, edits=edits)
 
 
 def fingerprint_session(session: str) -> str:
