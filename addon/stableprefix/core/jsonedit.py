@@ -364,35 +364,16 @@ if msgspec is not None:
     #: still validates every byte as JSON (except UTF-8 in what it skips: checked separately).
     _OBJECT: Any = msgspec.json.Decoder(dict[str, _Raw])
     _ARRAY: Any = msgspec.json.Decoder(list[_Raw])
+    #: The body two levels deep: arrays of undecoded values, objects of undecoded values, scalars.
+    _NESTED: Any = msgspec.json.Decoder(
+        dict[str, list[_Raw] | dict[str, _Raw] | str | int | float | bool | None]
+    )
     _RAW_ERRORS: tuple[type[Exception], ...] = (msgspec.MsgspecError, RecursionError)
 else:  # pragma: no cover
     _Raw = type(None)
-    _OBJECT = _ARRAY = None
+    _OBJECT = _ARRAY = _NESTED = None
     _RAW_ERRORS = ()
 _PARSE_ERRORS: tuple[type[Exception], ...] = (ValueError, *_RAW_ERRORS)
-
-
-if msgspec is not None:
-
-    class _Role(msgspec.Struct):
-        """A message (or Responses item) read for its role only; the rest is validated and skipped."""
-
-        role: Any = None
-
-    _ROLES: Any = msgspec.json.Decoder(list[_Role])
-else:  # pragma: no cover
-    _ROLES = None
-
-
-def roles(node: Any) -> list[Any] | None:
-    """The ``role`` of each element of an undecoded list (None where an element has none), as `json`
-    reads it (the last of duplicate keys); None when the list holds anything but objects."""
-    if _ROLES is None:
-        return None
-    try:
-        return [m.role for m in _ROLES.decode(node)]
-    except _RAW_ERRORS:
-        return None
 
 
 def undecoded(value: Any) -> bool:
@@ -442,12 +423,39 @@ def layout_at(raw: bytes, start: int, end: int) -> Layout | None:
 def _array_layout(raw: bytes, start: int, end: int, items: list[Any]) -> Layout | None:
     """Where the elements of the array at `raw[start:end]` sit. Compact (every element next to its comma),
     the element lengths add up to the span and give every place at C speed; else a walk proves each."""
+    if _compact_length(items) == end - start:  # any space or longer spelling would add bytes
+        return compact_array(start, items)
+    return _walk(raw, start, end, None, items)
+
+
+def compact_array(start: int, items: list[Any]) -> Layout:
+    """The layout of an array at `start` written compact (proven by the caller), from its elements'
+    lengths, at C speed."""
     n = len(items)
     lens = list(map(len, items))
-    if (sum(lens) + n + 1 if n else 2) == end - start:  # any space or longer spelling would add bytes
-        starts = list(map(add, accumulate(lens, initial=0), range(start + 1, start + 1 + n)))
-        return Layout(range(n), starts, starts, list(map(add, starts, lens)), items)
-    return _walk(raw, start, end, None, items)
+    starts = list(map(add, accumulate(lens, initial=0), range(start + 1, start + 1 + n)))
+    return Layout(range(n), starts, starts, list(map(add, starts, lens)), items)
+
+
+def _compact_length(value: Any) -> int:
+    """The length of `value` (from `_NESTED`: undecoded values one or two levels down) written compact in
+    the shortest spelling; -1 for a float (an exponent may be shorter than orjson's spelling) or a value
+    orjson cannot write. A real spelling is never shorter, so equal lengths prove the compact form."""
+    kind = type(value)
+    if kind is list:
+        return sum(map(len, value)) + len(value) + 1 if value else 2
+    if kind is dict:
+        try:
+            keys = sum(len(orjson.dumps(k)) for k in value)
+        except TypeError:
+            return -1
+        return keys + sum(map(len, value.values())) + 2 * len(value) + 1 if value else 2
+    if kind is float:
+        return -1
+    try:
+        return len(orjson.dumps(value))
+    except TypeError:  # an integer beyond 64 bits
+        return -1
 
 
 def _object_layout(raw: bytes, start: int, end: int, node: dict[str, Any]) -> Layout | None:
@@ -541,11 +549,17 @@ def _edited_bytes(raw: bytes, top: Layout, edits: Iterable[Edit], known: dict[in
     return b"".join(out)
 
 
-def _top_layout(raw: bytes, node: dict[str, Any]) -> Layout | None:
-    """The layout of the top-level object (spaces around it allowed)."""
+def _trimmed(raw: bytes) -> tuple[int, int]:
+    """Where the JSON value in `raw` starts and ends (spaces around it allowed)."""
     start, end = _ws_bytes(raw, 0), len(raw)
     while end > start and raw[end - 1] in b" \t\n\r":
         end -= 1
+    return start, end
+
+
+def _top_layout(raw: bytes, node: dict[str, Any]) -> Layout | None:
+    """The layout of the top-level object, its values undecoded."""
+    start, end = _trimmed(raw)
     if raw[start : start + 1] != b"{":
         return None
     return _object_layout(raw, start, end, node)
@@ -604,16 +618,42 @@ class SparseDocument:
 
     @staticmethod
     def scan(raw: bytes) -> Layout | None:
-        """Validate `raw` and locate each top-level member (its value undecoded)."""
-        if _OBJECT is None:
+        """Validate `raw` and locate each top-level member. Written compact (the usual case: one msgspec
+        pass, the members and their arrays' elements located by lengths), a member's value is an array
+        of undecoded values, an object of undecoded values, or a scalar; else it is undecoded and its
+        place proven by a walk."""
+        if _NESTED is None:
             return None
         try:
-            node = _OBJECT.decode(raw)
+            node = _NESTED.decode(raw)
         except _RAW_ERRORS:
             return None
         if not utf8_ok(raw):
             return None
-        return _top_layout(raw, node)
+        start, end = _trimmed(raw)
+        if raw[start] != 0x7B:
+            return None
+        starts: list[int] = []
+        value_starts: list[int] = []
+        ends: list[int] = []
+        pos = start + 1
+        for key, v in node.items():
+            n = _compact_length(v)
+            if n < 0:
+                break
+            starts.append(pos)
+            pos += len(orjson.dumps(key)) + 1
+            value_starts.append(pos)
+            pos += n
+            ends.append(pos)
+            pos += 1
+        else:
+            if pos == end if node else end - start == 2:
+                return Layout(list(node), starts, value_starts, ends, list(node.values()))
+        try:  # not compact: the members one by one
+            return _top_layout(raw, _OBJECT.decode(raw))
+        except _RAW_ERRORS:  # pragma: no cover (validated above)
+            return None
 
     def edited_bytes(self, edits: Iterable[Edit]) -> bytes:
         """The bytes with `edits` spliced in (ValueError: an edit the bytes alone cannot prove)."""

