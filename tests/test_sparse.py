@@ -307,3 +307,41 @@ def test_real_fixtures_take_the_same_bytes_either_way() -> None:
         raw = path.read_bytes()
         for s in SETTINGS:
             assert forwarded(raw, s).forward == exact(raw, s), path.name
+
+
+def test_all_rules_on_a_claude_code_body_decode_only_the_messages_a_rule_may_change() -> None:
+    """With every built-in rule on, the sparse path still applies: of 400-odd messages it decodes the first
+    turn (the move rule reads it) and the ones holding a guard (a ``cache_control`` marker, today's
+    date), and forwards exactly the exact path's bytes."""
+    body = samples.body_of_size(1_000_000, seed=2)
+    raw = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+    fwd = forwarded(raw, ALL)
+    assert isinstance(fwd.doc, SparseDocument)
+    messages = fwd.doc.value["messages"]
+    decoded = [k for k, m in enumerate(messages) if isinstance(m, dict)]
+    holding = [
+        k
+        for k, m in enumerate(body["messages"])
+        if "cache_control" in json.dumps(m) or "Today's date" in json.dumps(m)
+    ]
+    assert len(messages) > 400 and set(holding) <= set(decoded) and len(decoded) <= len(holding) + 2
+    assert fwd.forward is not None and fwd.forward == exact(raw, ALL)
+    assert "cache_control" not in json.dumps(json.loads(fwd.forward)["messages"][-1])
+
+
+def test_an_escape_that_may_spell_a_guard_makes_the_sparse_path_decline_for_message_rules() -> None:
+    body = {"system": HEADER, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "x", "cache_\u0063ontrol": 1}]}]}  # fmt: skip
+    raw = json.dumps(body).encode().replace(b"cache_control", b"cache_\\u0063ontrol")
+    assert b"cache_control" not in raw
+    fwd = forwarded(raw, ALL)
+    assert not isinstance(fwd.doc, SparseDocument)  # the exact path read it
+    assert fwd.forward == exact(raw, ALL) and fwd.forward is not None
+    assert b"cache_" not in fwd.forward.split(b'"messages"')[1]
+
+
+def test_a_message_rule_without_a_literal_turns_the_sparse_path_off() -> None:
+    rule = rulelib.make_rule({"name": "d", "scope": "messages:user", "match": "[0-9]{4}", "action": "drop"})
+    plans = pipeline.Settings(rules=(*BILLING.rules, rule)).sparse_plans
+    assert plans[shapes.Api.ANTHROPIC] is None
+    assert BILLING.sparse_plans[shapes.Api.ANTHROPIC] is not None
