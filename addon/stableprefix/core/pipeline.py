@@ -41,9 +41,10 @@ from stableprefix.core.rules import Rule
 from stableprefix.core.rules import StickyMemory
 from stableprefix.core.rules import apply
 from stableprefix.core.rules import builtin_rules
-from stableprefix.core.rules import guard_hits
+from stableprefix.core.rules import guard_literals
 from stableprefix.core.rules import guard_ok
 from stableprefix.core.rules import literal_finder
+from stableprefix.core.rules import literals_hit
 from stableprefix.core.rules import may_hide_guard
 from stableprefix.core.rules import slot_scopes as rules_slot_scopes
 from stableprefix.core.rules import text_guard
@@ -71,9 +72,24 @@ class Settings:
         scopes = rules_slot_scopes(self.rules)
         return None if scopes is None else scopes | {"system"}
 
+    @functools.cached_property
+    def guards(self) -> tuple[bytes, ...] | None:
+        """`rules.guard_literals` of the rules, computed once."""
+        return guard_literals(self.rules)
+
+    @functools.cached_property
+    def _passthrough_seen(self) -> dict[str, bool]:
+        return {}
+
     def is_passthrough(self, host: str) -> bool:
-        host = host.lower().rstrip(".")
-        return any(fnmatch.fnmatchcase(host, p.lower()) for p in self.passthrough)
+        seen = self._passthrough_seen
+        hit = seen.get(host)
+        if hit is None:
+            name = host.lower().rstrip(".")
+            hit = any(fnmatch.fnmatchcase(name, p.lower()) for p in self.passthrough)
+            if len(seen) < 1024:  # hosts a proxy sees are few; a flood of names is not remembered
+                seen[host] = hit
+        return hit
 
 
 @dataclass
@@ -172,7 +188,7 @@ def forward(
         return None
     record = records.new(host, path, str(api))
     fwd = Forward(None, record, raw, headers or {}, settings, sticky)
-    if settings.observe or settings.is_passthrough(host) or not guard_hits(settings.rules, raw):
+    if settings.observe or settings.is_passthrough(host) or not literals_hit(settings.guards, raw):
         return fwd  # no rule can change these bytes: they go out as they came, `analyse` parses them
     if not _sparse(fwd) and not _parse(fwd):
         return fwd

@@ -331,16 +331,28 @@ def text_guard(rule: Rule) -> tuple[str, ...] | None:
 
 def guard_hits(rules: Iterable[Rule], raw: bytes) -> bool:
     """Whether any enabled rule could change `raw`: a guard occurs, a rule has none, or an escape may hide one."""
+    return literals_hit(guard_literals(rules), raw)
+
+
+def guard_literals(rules: Iterable[Rule]) -> tuple[bytes, ...] | None:
+    """The guards of the enabled rules, as bytes, once each; None when a rule has none (every body may change)."""
     guards: list[bytes] = []
     for r in rules:
         if not r.enabled:
             continue
         if r.guard is None:
-            return True
+            return None
         guards.extend(g.encode() for g in r.guard)
-    if not guards:
+    return tuple(dict.fromkeys(guards))
+
+
+def literals_hit(literals: tuple[bytes, ...] | None, raw: bytes) -> bool:
+    """`guard_hits` for the `guard_literals` of a set of rules."""
+    if literals is None:
+        return True
+    if not literals:
         return False
-    return any(literal_finder(g)(raw) is not None for g in dict.fromkeys(guards)) or may_hide_guard(raw)
+    return any(literal_finder(g)(raw) is not None for g in literals) or may_hide_guard(raw)
 
 
 @functools.cache
