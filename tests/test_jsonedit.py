@@ -6,6 +6,7 @@ import pytest
 
 from stableprefix.core.jsonedit import Delete
 from stableprefix.core.jsonedit import Document
+from stableprefix.core.jsonedit import Edit
 from stableprefix.core.jsonedit import NotAnObject
 from stableprefix.core.jsonedit import Replace
 from stableprefix.core.jsonedit import apply_edits
@@ -87,3 +88,20 @@ def test_bad_documents_raise_value_error(raw: bytes) -> None:
 def test_not_an_object_is_its_own_error() -> None:
     with pytest.raises(NotAnObject):
         Document.parse(b" [ ] ")
+
+
+def test_apply_edits_is_what_the_spliced_text_reads() -> None:
+    """`apply_edits` on the value and `Document.edited` on the text give the same body, deletions in runs,
+    at the ends and nested included; the input value is not changed."""
+    value = {"a": [0, 1, 2, 3, 4], "b": {"c": [{"d": 1, "e": 2}], "f": 3}, "g": "h"}
+    raw = json.dumps(value, indent=1).encode()
+    before = json.dumps(value)
+    cases: list[list[Edit]] = [
+        [Delete(("a", 0)), Delete(("a", 1)), Delete(("a", 4))],
+        [Delete(("a", 2)), Replace(("a", 3), "x"), Delete(("b", "f"))],
+        [Delete(("b", "c", 0, "d")), Replace(("g",), [1]), Delete(("a", 9)), Delete(("zz",))],
+        [Delete(("a",)), Delete(("b",)), Delete(("g",))],
+    ]
+    for edits in cases:
+        assert apply_edits(value, edits) == json.loads(Document.parse(raw).edited(edits))
+    assert json.dumps(value) == before

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from stableprefix.core import pipeline
 from stableprefix.core import rules as rulelib
+from stableprefix.core import shapes
 from stableprefix.core.jsonedit import Delete
 from stableprefix.core.jsonedit import Document
 from stableprefix.core.jsonedit import Edit
@@ -62,23 +63,45 @@ def test_same_bytes_as_document(body: dict[str, Any], data: st.DataObject) -> No
 
 
 def test_declines_what_it_cannot_prove() -> None:
-    assert RawDocument.parse(b'{"a": 1}') is not None  # space between top-level tokens: spans still exact
-    assert RawDocument.parse(b'{"a":{"b": 1}}') is None  # space inside a value: not compact
     assert RawDocument.parse(b'{"a":1,"a":2}') is None  # duplicate key
     assert RawDocument.parse(b"[1]") is None
-    assert RawDocument.parse(b'{"a":1.0}') is not None
-    assert RawDocument.parse(b'{"a":1e2}') is None  # orjson writes 100.0
     assert (
         RawDocument.parse(b'{"a":"\\ud800"}') is None
     )  # a lone surrogate: orjson refuses, Document reads it
-    assert RawDocument.parse(b'{"a":[1, 2],"b":1}') is None  # a nested space fails the top-level proof
+    assert RawDocument.parse(b'{"a\\u0062":1}') is None  # a key not in orjson's spelling
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"a": 1}',
+        b'{"a":{"b": 1}}',
+        b'{"a":1e2,"b":[1]}',
+        b'{"a":[1, 2],"b":1}',
+        b' {"b" :[ {"c":[3 ]} ]}\n',
+    ],
+)
+def test_any_spacing_and_number_spelling_is_located_and_edited_exactly(raw: bytes) -> None:
+    """Spaces and number spellings orjson does not write: the members are still located (by a walk) and the
+    edits are the ones `Document` makes."""
+    doc = RawDocument.parse(raw)
+    assert doc is not None
+    for path in paths(json.loads(raw)):
+        for edit in (Delete(path), Replace(path, "x")):
+            assert doc.edited_bytes([edit]) == Document.parse(raw).edited([edit]).encode()
 
 
 def test_pipeline_uses_the_fast_editor_for_compact_bodies_and_document_otherwise() -> None:
     body = samples.Session().request(1)
-    # with a path rule on, the sparse path (tests/test_sparse.py) does not apply: RawDocument or Document
-    settings = pipeline.Settings(rules=tuple(rulelib.switch(rulelib.builtin_rules(), ["cache_control"])))
-    for raw, kind in ((orjson.dumps(body), RawDocument), (json.dumps(body).encode(), Document)):
+    # with a rule that may change any message and has no literal to find it by, the sparse path
+    # (tests/test_sparse.py) does not apply: RawDocument, or Document for what it cannot locate
+    rule = rulelib.make_rule({"name": "x", "scope": "messages:user", "match": "[0-9]{9}", "action": "drop"})
+    settings = pipeline.Settings(rules=(*pipeline.Settings().rules, rule))
+    assert settings.sparse_plans[shapes.Api.ANTHROPIC] is None
+    for raw, kind in (
+        (orjson.dumps(body), RawDocument),
+        (b'{"\\u0078":1,' + orjson.dumps(body)[1:], Document),
+    ):
         fwd = pipeline.forward("POST", "h", "/v1/messages", raw, settings)
         assert fwd is not None and type(fwd.doc) is kind and fwd.outcome is not None
         assert fwd.forward == Document.parse(raw).edited(fwd.outcome.edits).encode()

@@ -273,3 +273,25 @@ def test_slot_scopes_name_what_enabled_text_rules_read() -> None:
     assert rl.slot_scopes(rl.builtin_rules("off")) == set()
     anyrole = rl.make_rule({"name": "x", "scope": "messages:*", "match": "a", "action": "drop"})
     assert rl.slot_scopes([anyrole]) is None
+
+
+def test_text_guards_are_the_matchers_own_literals() -> None:
+    """The literal a message must hold for a text rule to change it comes from the matcher (not from a
+    `Rule.guard` set by hand), and a regex without one has none; RE2 is skipped on texts without it."""
+    by_name = {r.name: r for r in rl.builtin_rules()}
+    assert rl.text_guard(by_name["billing"]) == ("x-anthropic-billing-header",)
+    assert rl.text_guard(by_name["date"]) == ("Today's date",)
+    assert rl.text_guard(by_name["tool_order"]) is None
+    odd = rl.make_rule({"name": "n", "scope": "system", "match": "[0-9]+", "action": "drop"})
+    assert rl.text_guard(odd) is None and odd.matcher is not None
+    assert odd.matcher.find("a1b22", False) and len(odd.matcher.find("a1b22", False)) == 2
+    date = by_name["date"].matcher
+    assert date is not None and date.find("no date here", False) == []
+    assert [f.targets[0].group for f in date.find("x Today's date is 2025-01-02.", False)] == ["date"]
+
+
+def test_may_hide_guard_sees_printable_ascii_escapes_only() -> None:
+    assert rl.may_hide_guard(b'{"a":"\\u0063ache"}')
+    assert rl.may_hide_guard(b'{"a":"\\u007f"}')
+    assert not rl.may_hide_guard(b'{"a":"\\u00e9\\u0001\\n"}')
+    assert not rl.may_hide_guard(b'{"a":"cache_control"}')

@@ -22,17 +22,31 @@ from stableprefix.core import rules as rulelib
 from stableprefix.core import shapes
 from stableprefix.core.jsonedit import Document
 from stableprefix.core.jsonedit import SparseDocument
+from stableprefix.core.jsonedit import layout_at
 from stableprefix.demo import samples
 from tests.support.helpers import FIXTURES
 
 HEADER = "x-anthropic-billing-header: cc_version=2.1.39.c39; cc_entrypoint=cli; cch=56445;"
 BILLING = pipeline.Settings()
 PIN = pipeline.Settings(rules=tuple(rulelib.builtin_rules("pin")))
-TEXT_RULES = pipeline.Settings(  # every built-in text rule (no path or tools rules): still sparse
+TEXT_RULES = pipeline.Settings(  # every built-in text rule (no path or tools rules)
     rules=tuple(
         rulelib.switch(rulelib.builtin_rules(), ["date", "git_status", "env_block"], ["cache_control"])
     )
 )
+ALL = pipeline.Settings(  # every built-in rule: text, path, tools and move rules
+    rules=tuple(rulelib.switch(rulelib.builtin_rules(), rulelib.builtin_names()))
+)
+USER_RULES = pipeline.Settings(  # rules of a rules file: any role, a tool result, a path into the messages
+    rules=(
+        rulelib.make_rule({"name": "any", "scope": "messages:*", "match": "Last active:[^\\n]*", "action": "drop"}),
+        rulelib.make_rule({"name": "tool", "scope": "messages:tool", "match": "ok", "action": "mask"}),
+        rulelib.make_rule({"name": "ids", "scope": "path:messages[*].content[*].tool_use_id", "action": "pin",
+                           "value": "t0"}),
+        rulelib.make_rule({"name": "sys", "scope": "system", "match": "[0-9]+", "action": "mask"}),
+    )
+)  # fmt: skip
+SETTINGS = (BILLING, PIN, TEXT_RULES, ALL, USER_RULES)
 
 
 def exact(raw: bytes, settings: pipeline.Settings, path: str = "/v1/messages") -> bytes | None:
@@ -57,22 +71,35 @@ def forwarded(raw: bytes, settings: pipeline.Settings, path: str = "/v1/messages
 
 texts = st.sampled_from(
     ["You are Claude Code.", HEADER, HEADER + "\nYou are Claude Code.", " " + HEADER, "Today's date is 2025-01-02.",
-     "OS Version: Linux 6.1", "café ☕ 𝄞", "a\\b\"c\n", "x-anthropic-billing-header", "", "\ud800 lone"]
+     "OS Version: Linux 6.1", "café ☕ 𝄞", "a\\b\"c\n", "x-anthropic-billing-header", "", "\ud800 lone",
+     "SessionStart:resume hook success: ok", "a\n<session-id>s1</session-id>\nLast active: 2025", "cache_control",
+     "gitStatus: This is the git status at the start of the conversation.\nM a"]
 )  # fmt: skip
 blocks = st.builds(lambda t, cc: {"type": "text", "text": t, **({"cache_control": {"type": "ephemeral"}} if cc else {})},
                    texts, st.booleans())  # fmt: skip
 system = st.none() | texts | st.lists(blocks, max_size=3)
 roles = st.sampled_from(["user", "assistant", "system", "developer", "tool"])
 content = texts | st.lists(
-    blocks | st.just({"type": "tool_result", "tool_use_id": "t", "content": "ok"}), max_size=3
+    blocks
+    | st.just({"type": "tool_result", "tool_use_id": "t", "content": "ok"})
+    | st.builds(lambda t: {"type": "tool_result", "tool_use_id": "t9", "content": [{"type": "text", "text": t}],
+                           "cache_control": {"type": "ephemeral"}}, texts),
+    max_size=3,
+)  # fmt: skip
+message = (
+    st.fixed_dictionaries({"role": roles, "content": content})
+    | st.fixed_dictionaries({"content": content})
+    | st.fixed_dictionaries({"role": st.none() | st.integers(0, 3), "content": content})
 )
-message = st.fixed_dictionaries({"role": roles, "content": content}) | st.fixed_dictionaries(
-    {"content": content}
-)
+tools = st.lists(
+    st.builds(lambda n, cc: {"name": n, "input_schema": {}, **({"cache_control": {"type": "ephemeral"}} if cc else {})},
+              st.sampled_from(["Bash", "Read", "mcp__x__y", "Edit"]), st.booleans()),
+    max_size=4,
+)  # fmt: skip
 extra = st.dictionaries(
     st.sampled_from(["model", "max_tokens", "stream", "metadata", "temperature", "stop_sequences", "tools"]),
     st.none() | st.booleans() | st.integers(-5, 2**40) | st.floats(allow_nan=False) | st.text(max_size=5)
-    | st.lists(st.text(max_size=3), max_size=2) | st.just({"user_id": "u_session_abc"}),
+    | st.lists(st.text(max_size=3), max_size=2) | st.just({"user_id": "u_session_abc"}) | tools,
     max_size=4,
 )  # fmt: skip
 
@@ -123,7 +150,7 @@ def test_fast_path_gives_the_exact_bytes_or_declines(body: dict[str, Any], data:
     for raw in spellings(body):
         if data.draw(st.booleans()):
             raw = corrupt(raw, data)
-        for s in (BILLING, PIN, TEXT_RULES):
+        for s in SETTINGS:
             fwd = forwarded(raw, s)
             want = exact(raw, s)
             assert fwd.forward == want
@@ -152,7 +179,7 @@ def test_the_analysis_after_the_fast_path_is_the_one_of_the_exact_path(body: dic
 def _exact_forward(raw: bytes) -> pipeline.Forward:
     """`pipeline.forward` with the sparse path switched off (every rule's text scopes, plus a path rule)."""
     off = pipeline.Settings(rules=BILLING.rules)
-    object.__setattr__(off, "sparse_scopes", None)  # the cached property, pinned to "not sparse"
+    object.__setattr__(off, "sparse_plans", dict.fromkeys(shapes.Api))  # the cached property: "not sparse"
     fwd = pipeline.forward("POST", "h", "/v1/messages", raw, off, {}, rulelib.StickyMemory())
     assert fwd is not None and not isinstance(fwd.doc, SparseDocument)
     fwd.settings = BILLING
@@ -165,7 +192,7 @@ def test_a_claude_code_body_takes_the_sparse_path_and_keeps_the_undecoded_messag
     fwd = forwarded(raw, BILLING)
     assert isinstance(fwd.doc, SparseDocument)
     assert fwd.doc.value["system"] == body["system"]  # decoded: the rule reads it
-    assert not isinstance(fwd.doc.value["messages"][0]["content"], str | list)  # left undecoded
+    assert not isinstance(fwd.doc.value["messages"][0], dict)  # left undecoded
     assert fwd.forward == exact(raw, BILLING)
     assert json.loads(fwd.forward or b"")["system"] == body["system"][1:]
 
@@ -188,10 +215,9 @@ def test_system_messages_inside_the_messages_are_decoded_and_edited_exactly() ->
         b'{"a":"\xff"}',  # invalid UTF-8 in a value msgspec only skips
         b'{"a":["caf\xc3"],"b":1}',
         b'{"a":{"k":NaN}}',  # json reads NaN; msgspec does not: the exact path decides
-        b'{"a":"\\ud800"}',  # a lone surrogate: the same
-        b'{"a":1e2}',  # a top-level number not in orjson's spelling: no proof of its span
-        b'{"a":[{"x":1},2]}',  # a list of undecoded objects ending in a scalar
         b'{"a":1} x',
+        b'{"a\\u0062":1}',  # a key not in orjson's spelling
+        b'{"a":"\\ud800"}',  # a lone surrogate: msgspec refuses, json reads it
         b"[1]",
         b"",
     ],
@@ -200,13 +226,35 @@ def test_scan_declines_what_it_cannot_prove(raw: bytes) -> None:
     assert SparseDocument.scan(raw) is None
 
 
-def test_scan_locates_members_written_with_any_spacing() -> None:
-    raw = b' { "a" : [ {"x": 1} , {"y" : [2]} ] ,\n"b":{ "c" :"d" } , "e": "f", "g":[] , "h":{}}  '
-    members = SparseDocument.scan(raw)
-    assert members is not None
-    for m in members:
-        assert json.loads(raw[m.value_start : m.end]) == json.loads(raw)[m.key]
-        assert raw[m.start : m.start + 1] == b'"'
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b' { "a" : [ {"x": 1} , {"y" : [2]} ] ,\n"b":{ "c" :"d" } , "e": "f", "g":[] , "h":{}}  ',
+        b'{"a":[{"x":1},2],"b":1e2,"d":[ ],"e":{ },"f":[1 ,2]}',
+        orjson.dumps({"a": [{"x": [1, {"y": None}]}, "s", 2.5], "b": {}, "c": []}),
+    ],
+)
+def test_layouts_locate_members_written_with_any_spacing(raw: bytes) -> None:
+    """Every member of every container, located by `layout_at` (lengths when compact, else a walk), holds
+    exactly the value json reads there."""
+    top = SparseDocument.scan(raw)
+    assert top is not None
+
+    def check(layout: Any, value: Any) -> None:
+        assert list(layout.keys) == (list(value) if isinstance(value, dict) else list(range(len(value))))
+        for i, key in enumerate(layout.keys):
+            member = json.loads(raw[layout.value_starts[i] : layout.ends[i]])
+            assert member == value[key]
+            if isinstance(value, dict):
+                assert json.loads(raw[layout.starts[i] : layout.value_starts[i]].rstrip(b" :")) == key
+            inner = layout_at(raw, layout.value_starts[i], layout.ends[i])
+            if isinstance(member, dict | list):
+                assert inner is not None
+                check(inner, member)
+            else:
+                assert inner is None
+
+    check(top, json.loads(raw))
 
 
 @pytest.mark.parametrize("fixture", sorted(p.name for p in FIXTURES.glob("malformed_*")))
@@ -257,5 +305,43 @@ def _nested(depth: int) -> bytes:
 def test_real_fixtures_take_the_same_bytes_either_way() -> None:
     for path in sorted(Path(FIXTURES).rglob("*.json")):
         raw = path.read_bytes()
-        for s in (BILLING, PIN, TEXT_RULES):
+        for s in SETTINGS:
             assert forwarded(raw, s).forward == exact(raw, s), path.name
+
+
+def test_all_rules_on_a_claude_code_body_decode_only_the_messages_a_rule_may_change() -> None:
+    """With every built-in rule on, the sparse path still applies: of 400-odd messages it decodes the first
+    turn (the move rule reads it) and the ones holding a guard (a ``cache_control`` marker, today's
+    date), and forwards exactly the exact path's bytes."""
+    body = samples.body_of_size(1_000_000, seed=2)
+    raw = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+    fwd = forwarded(raw, ALL)
+    assert isinstance(fwd.doc, SparseDocument)
+    messages = fwd.doc.value["messages"]
+    decoded = [k for k, m in enumerate(messages) if isinstance(m, dict)]
+    holding = [
+        k
+        for k, m in enumerate(body["messages"])
+        if "cache_control" in json.dumps(m) or "Today's date" in json.dumps(m)
+    ]
+    assert len(messages) > 400 and set(holding) <= set(decoded) and len(decoded) <= len(holding) + 2
+    assert fwd.forward is not None and fwd.forward == exact(raw, ALL)
+    assert "cache_control" not in json.dumps(json.loads(fwd.forward)["messages"][-1])
+
+
+def test_an_escape_that_may_spell_a_guard_makes_the_sparse_path_decline_for_message_rules() -> None:
+    body = {"system": HEADER, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "x", "cache_\u0063ontrol": 1}]}]}  # fmt: skip
+    raw = json.dumps(body).encode().replace(b"cache_control", b"cache_\\u0063ontrol")
+    assert b"cache_control" not in raw
+    fwd = forwarded(raw, ALL)
+    assert not isinstance(fwd.doc, SparseDocument)  # the exact path read it
+    assert fwd.forward == exact(raw, ALL) and fwd.forward is not None
+    assert b"cache_" not in fwd.forward.split(b'"messages"')[1]
+
+
+def test_a_message_rule_without_a_literal_turns_the_sparse_path_off() -> None:
+    rule = rulelib.make_rule({"name": "d", "scope": "messages:user", "match": "[0-9]{4}", "action": "drop"})
+    plans = pipeline.Settings(rules=(*BILLING.rules, rule)).sparse_plans
+    assert plans[shapes.Api.ANTHROPIC] is None
+    assert BILLING.sparse_plans[shapes.Api.ANTHROPIC] is not None

@@ -9,11 +9,15 @@ edits on the parsed value, so callers can fingerprint the result without parsing
 
 from __future__ import annotations
 
-import ctypes
 import json
 import re
+from collections.abc import Callable
 from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass
+from dataclasses import field
+from itertools import accumulate
+from operator import add
 from typing import Any
 from typing import NamedTuple
 
@@ -148,8 +152,15 @@ class Document:
         if not tree:
             return self.text
         ops: list[tuple[int, int, str]] = []
-        _container_ops(self.text, list(self._top), tree, ops)
+        _container_ops(Layout.of(list(self._top)), tree, ops, self._layout_at)
         return _splice(self.text, ops)
+
+    def _layout_at(self, start: int, end: int, value: Any) -> Layout | None:
+        text = self.text
+        if text[start] not in "{[":
+            return None
+        found = _members_of(text, start, value)
+        return Layout.of(found if found is not None else _members(text, start)[0])
 
 
 def _trie(edits: Iterable[Edit]) -> dict[Key, Any]:
@@ -167,21 +178,80 @@ def _trie(edits: Iterable[Edit]) -> dict[Key, Any]:
     return root
 
 
-def _container_ops(text: str, members: list[_Member], tree: dict[Key, Any], ops: list) -> None:
-    keep = [m for m in members if not isinstance(tree.get(m.key), Delete)]
-    if len(keep) < len(members):
-        _delete_ops(members, {m.key for m in keep}, ops)
-    for m in keep:
-        sub = tree.get(m.key)
-        if sub is None:
+class Layout(NamedTuple):
+    """Where the members of one container sit: parallel sequences, in document order. `keys` is a range
+    for an array; `values` are parsed values or undecoded `msgspec.Raw` views (only their spans count)."""
+
+    keys: Sequence[Key]
+    starts: Sequence[int]  # first character of each member (its key, for objects)
+    value_starts: Sequence[int]
+    ends: Sequence[int]  # one past each value
+    values: Sequence[Any]
+
+    @classmethod
+    def of(cls, members: list[_Member]) -> Layout:
+        keys = [m.key for m in members]
+        is_array = bool(members) and isinstance(keys[0], int)
+        return cls(
+            range(len(keys)) if is_array else keys,
+            [m.start for m in members],
+            [m.value_start for m in members],
+            [m.end for m in members],
+            [m.value for m in members],
+        )
+
+    def find(self, key: Key) -> int | None:
+        """The position of the member `key` names, None when there is none."""
+        keys = self.keys
+        if isinstance(keys, range):
+            return key if type(key) is int and 0 <= key < len(keys) else None
+        if type(key) is not str:
+            return None
+        try:
+            return keys.index(key)
+        except ValueError:
+            return None
+
+
+#: (start, end, value) -> the layout of the container there, None for a scalar; ValueError: unproven.
+type _LayoutAt = Callable[[int, int, Any], Layout | None]
+
+
+def _container_ops(layout: Layout, tree: dict[Key, Any], ops: list, layout_at: _LayoutAt) -> None:
+    """The splice operations (start, end, new text) that make the edits of `tree` in one container."""
+    found = [(i, sub) for k, sub in tree.items() if (i := layout.find(k)) is not None]
+    deleted = sorted(i for i, sub in found if isinstance(sub, Delete))
+    if deleted:
+        _delete_ops(layout, deleted, ops)
+    for i, sub in found:
+        if isinstance(sub, Delete):
             continue
         if isinstance(sub, Replace):
-            ops.append((m.value_start, m.end, dumps(sub.value)))
-        elif text[m.value_start] in "{[":
-            found = _members_of(text, m.value_start, m.value)
-            _container_ops(text, found if found is not None else _members(text, m.value_start)[0], sub, ops)
-        else:
-            raise ValueError(f"path goes through a scalar at {m.key!r}")
+            ops.append((layout.value_starts[i], layout.ends[i], dumps(sub.value)))
+            continue
+        inner = layout_at(layout.value_starts[i], layout.ends[i], layout.values[i])
+        if inner is None:
+            raise ValueError(f"path goes through a scalar at {layout.keys[i]!r}")
+        _container_ops(inner, sub, ops, layout_at)
+
+
+def _delete_ops(layout: Layout, deleted: list[int], ops: list) -> None:
+    """Remove each run of deleted members together with one separator, keeping the JSON valid."""
+    n = len(layout.keys)
+    starts, ends = layout.starts, layout.ends
+    k = 0
+    while k < len(deleted):
+        i = j = deleted[k]
+        while k + 1 < len(deleted) and deleted[k + 1] == j + 1:
+            k += 1
+            j += 1
+        k += 1
+        if j + 1 < n:  # a kept member follows: cut up to its start
+            ops.append((starts[i], starts[j + 1], ""))
+        elif i > 0:  # the run is the tail: cut from the end of the kept member before it
+            ops.append((ends[i - 1], ends[j], ""))
+        else:  # everything goes
+            ops.append((starts[0], ends[j], ""))
 
 
 def _members_of(text: str, i: int, value: Any) -> list[_Member] | None:
@@ -225,26 +295,6 @@ def _members_of(text: str, i: int, value: Any) -> list[_Member] | None:
     return members
 
 
-def _delete_ops(members: list[_Member], kept: set[Key], ops: list) -> None:
-    """Remove each run of deleted members together with one separator, keeping the JSON valid."""
-    n = len(members)
-    i = 0
-    while i < n:
-        if members[i].key in kept:
-            i += 1
-            continue
-        j = i
-        while j + 1 < n and members[j + 1].key not in kept:
-            j += 1
-        if j + 1 < n:  # a kept member follows: cut up to its start
-            ops.append((members[i].start, members[j + 1].start, ""))
-        elif i > 0:  # the run is the tail: cut from the end of the kept member before it
-            ops.append((members[i - 1].end, members[j].end, ""))
-        else:  # everything goes
-            ops.append((members[0].start, members[j].end, ""))
-        i = j + 1
-
-
 def _splice(text: str, ops: list[tuple[int, int, str]]) -> str:
     ops.sort(key=lambda op: op[0])
     out: list[str] = []
@@ -265,19 +315,27 @@ def apply_edits(value: Any, edits: Iterable[Edit]) -> Any:
 
 
 def _apply(value: Any, tree: dict[Key, Any]) -> Any:
+    """A copy of the container `value` with the edits of `tree` made (the members not edited are shared)."""
     if isinstance(value, dict):
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            out_v = _apply_member(v, tree.get(k))
-            if out_v is not _DELETED:
-                out[k] = out_v
+        out = dict(value)
+        for k, sub in tree.items():
+            if k in out:
+                new = _apply_member(out[k], sub)
+                if new is _DELETED:
+                    del out[k]
+                else:
+                    out[k] = new
         return out
-    items = []
-    for i, v in enumerate(value):
-        out_v = _apply_member(v, tree.get(i))
-        if out_v is not _DELETED:
-            items.append(out_v)
-    return items
+    items = list(value)
+    gone = set()
+    for i, sub in tree.items():
+        if isinstance(i, int) and 0 <= i < len(items):
+            new = _apply_member(items[i], sub)
+            if new is _DELETED:
+                gone.add(i)
+            else:
+                items[i] = new
+    return [v for i, v in enumerate(items) if i not in gone] if gone else items
 
 
 _DELETED = object()
@@ -293,187 +351,39 @@ def _apply_member(v: Any, sub: Any) -> Any:
     return _apply(v, sub)
 
 
-# --- the same on bytes, for compact bodies (the forwarding path's fast case) ------------------------------
+# --- the same on bytes: layouts proven from msgspec's undecoded values (the forwarding path) --------------
 
-
-@dataclass(frozen=True, slots=True)
-class RawDocument:
-    """A JSON object parsed with orjson whose top-level members are proven in the original bytes.
-
-    `parse` returns None unless every top-level member sits exactly where its compact form (what Node's
-    ``JSON.stringify`` writes, and orjson) says, so the spans are exact without a second, slower parse;
-    the caller then uses `Document`. Edits are spliced into the bytes as `Document.edited` splices text:
-    same positions, same replacement text, so the same result.
-    """
-
-    raw: bytes
-    value: dict[str, Any]
-    _top: tuple[_Member, ...]
-
-    @classmethod
-    def parse(cls, raw: bytes) -> RawDocument | None:
-        if orjson is None:
-            return None
-        try:
-            value = orjson.loads(raw)
-        except (ValueError, RecursionError):  # orjson is stricter than `json`: let `Document` decide
-            return None
-        if not isinstance(value, dict):
-            return None
-        start, end = _ws_bytes(raw, 0), len(raw)
-        while end > start and raw[end - 1] in b" \t\n\r":
-            end -= 1
-        if raw[start : start + 1] != b"{" or raw[end - 1 : end] != b"}":
-            return None
-        members = _members_of_bytes(raw, start, value)
-        if members is None or _ws_bytes(raw, members[-1].end if members else start + 1) != end - 1:
-            return None
-        return cls(raw, value, tuple(members))
-
-    def edited_bytes(self, edits: Iterable[Edit]) -> bytes:
-        """The document bytes with `edits` spliced in. Raises ValueError when a nested container is not in
-        compact form (the caller then edits through `Document`)."""
-        tree = _trie(edits)
-        if not tree:
-            return self.raw
-        ops: list[tuple[int, int, str]] = []
-        _container_ops_bytes(self.raw, list(self._top), tree, ops)
-        ops.sort(key=lambda op: op[0])
-        out: list[bytes | memoryview] = []
-        view = memoryview(self.raw)  # slices without copies: the join below copies once
-        pos = 0
-        for start, end, new in ops:
-            if start < pos:
-                raise ValueError("overlapping edits")
-            out.append(view[pos:start])
-            out.append(new.encode("utf-8"))
-            pos = end
-        out.append(view[pos:])
-        return b"".join(out)
-
-
-def _ws_bytes(raw: bytes, i: int) -> int:
-    while i < len(raw) and raw[i] in b" \t\n\r":
-        i += 1
-    return i
-
-
-def _container_ops_bytes(raw: bytes, members: list[_Member], tree: dict[Key, Any], ops: list) -> None:
-    keep = [m for m in members if not isinstance(tree.get(m.key), Delete)]
-    if len(keep) < len(members):
-        _delete_ops(members, {m.key for m in keep}, ops)
-    for m in keep:
-        sub = tree.get(m.key)
-        if sub is None:
-            continue
-        if isinstance(sub, Replace):
-            ops.append((m.value_start, m.end, dumps(sub.value)))
-        elif raw[m.value_start] in b"{[":
-            found = _members_of_bytes(raw, m.value_start, m.value)
-            if found is None:
-                raise ValueError("container not in compact form")
-            _container_ops_bytes(raw, found, sub, ops)
-        else:
-            raise ValueError(f"path goes through a scalar at {m.key!r}")
-
-
-def _members_of_bytes(raw: bytes, i: int, value: Any) -> list[_Member] | None:
-    """`_members_of` on bytes: members proven by their orjson form; None as soon as one is not."""
-    if orjson is None:
-        return None
-    is_object = raw[i : i + 1] == b"{"
-    if is_object != isinstance(value, dict) or (not is_object and not isinstance(value, list)):
-        return None
-    close = b"}"[0] if is_object else b"]"[0]
-    items = value.items() if is_object else enumerate(value)
-    members: list[_Member] = []
-    j = _ws_bytes(raw, i + 1)
-    try:
-        for n, (key, v) in enumerate(items):
-            if n:
-                if raw[j] != 0x2C:  # ","
-                    return None
-                j = _ws_bytes(raw, j + 1)
-            start = j
-            if is_object:
-                token = orjson.dumps(key)
-                if not raw.startswith(token, j):
-                    return None
-                j = _ws_bytes(raw, j + len(token))
-                if raw[j] != 0x3A:  # ":"
-                    return None
-                j = _ws_bytes(raw, j + 1)
-            guess = orjson.dumps(v)
-            if not raw.startswith(guess, j):
-                return None
-            members.append(_Member(key, start, j, j + len(guess), v))
-            j = _ws_bytes(raw, j + len(guess))
-        if raw[j] != close:  # more members in the bytes than in the value (duplicate keys), or junk
-            return None
-    except (TypeError, IndexError):  # orjson.JSONEncodeError: a lone surrogate, a big integer
-        return None
-    return members
-
-
-# --- validate the whole body, decode only what the rules read (the forwarding path's fastest case) ----------
-
-try:  # a C extension: without it `SparseDocument.parse` declines and the caller parses in full
+try:  # a C extension: without it the bytes-level documents decline and the caller parses with `Document`
     import msgspec
 except ImportError:  # pragma: no cover
     msgspec = None  # type: ignore[assignment]
 
-
-class _PyBuffer(ctypes.Structure):  # Py_buffer (C API, stable ABI since 3.11)
-    _fields_ = [
-        ("buf", ctypes.c_void_p), ("obj", ctypes.c_void_p), ("len", ctypes.c_ssize_t),
-        ("itemsize", ctypes.c_ssize_t), ("readonly", ctypes.c_int), ("ndim", ctypes.c_int),
-        ("format", ctypes.c_char_p), ("shape", ctypes.c_void_p), ("strides", ctypes.c_void_p),
-        ("suboffsets", ctypes.c_void_p), ("internal", ctypes.c_void_p),
-    ]  # fmt: skip
-
-
-_get_buffer = ctypes.pythonapi.PyObject_GetBuffer
-_get_buffer.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
-_get_buffer.restype = ctypes.c_int
-_release_buffer = ctypes.pythonapi.PyBuffer_Release
-_release_buffer.argtypes = [ctypes.POINTER(_PyBuffer)]
-_release_buffer.restype = None
-
-
-def _address(obj: Any) -> int:
-    """Where the bytes of a buffer (bytes, msgspec.Raw) start in memory."""
-    view = _PyBuffer()
-    if _get_buffer(obj, ctypes.byref(view), 0) != 0:  # pragma: no cover (ctypes raises first)
-        raise ValueError("no buffer")
-    try:
-        return int(view.buf or 0)
-    finally:
-        _release_buffer(ctypes.byref(view))
-
-
 if msgspec is not None:
     _Raw: Any = msgspec.Raw
-    _Scalar = str | int | float | bool | None
-    #: A list element: an object with its values left undecoded (each a `msgspec.Raw` view of the body),
-    #: a list of undecoded values, or a scalar.
-    _Element = dict[str, _Raw] | list[_Raw] | _Scalar
-    #: The body: every top-level member decoded one level deep (lists two: their objects' members stay
-    #: undecoded). Every byte is still validated as JSON (except UTF-8: checked separately).
-    _TOP_DECODER: Any = msgspec.json.Decoder(dict[str, list[_Element] | dict[str, _Raw] | _Scalar])
+    #: One level of a container, its values left undecoded (`msgspec.Raw` views of the bytes). Decoding
+    #: still validates every byte as JSON (except UTF-8 in what it skips: checked separately).
+    _OBJECT: Any = msgspec.json.Decoder(dict[str, _Raw])
+    _ARRAY: Any = msgspec.json.Decoder(list[_Raw])
+    #: The body two levels deep: arrays of undecoded values, objects of undecoded values, scalars.
+    _NESTED: Any = msgspec.json.Decoder(
+        dict[str, list[_Raw] | dict[str, _Raw] | str | int | float | bool | None]
+    )
     _RAW_ERRORS: tuple[type[Exception], ...] = (msgspec.MsgspecError, RecursionError)
 else:  # pragma: no cover
     _Raw = type(None)
-    _TOP_DECODER = None
+    _OBJECT = _ARRAY = _NESTED = None
     _RAW_ERRORS = ()
+_PARSE_ERRORS: tuple[type[Exception], ...] = (ValueError, *_RAW_ERRORS)
 
 
 def undecoded(value: Any) -> bool:
-    """Whether `value` (from `SparseDocument.scan`) is an undecoded JSON value (a `msgspec.Raw`)."""
+    """Whether `value` is an undecoded JSON value (a `msgspec.Raw`, from a layout's values)."""
     return isinstance(value, _Raw)
 
 
 def decode(value: Any) -> Any:
-    """The Python value of one undecoded JSON value from `SparseDocument.scan` (valid JSON: validated)."""
+    """The Python value of one undecoded JSON value (valid JSON: validated). ValueError where orjson is
+    stricter than `json` (an integer beyond 64 bits, a lone surrogate, deep nesting)."""
     return orjson.loads(memoryview(value))
 
 
@@ -488,114 +398,263 @@ def utf8_ok(raw: bytes) -> bool:
     return True
 
 
-@dataclass(frozen=True, slots=True)
-class SparseDocument:
-    """A body validated in full (msgspec, UTF-8) whose top-level members are located exactly in the bytes,
-    with only some of them decoded to Python values (the others stay `scan` nodes).
+def _ws_bytes(raw: bytes, i: int) -> int:
+    while i < len(raw) and raw[i] in b" \t\n\r":
+        i += 1
+    return i
 
-    `scan` returns None for anything it cannot prove (duplicate top-level keys, a top-level scalar not in
-    compact form, a top-level list ending in a scalar next to undecoded objects, nesting deeper than the
-    parser allows, invalid JSON or UTF-8): the caller then parses in full and gets the exact answer,
-    error included. `edited_bytes` splices like `RawDocument.edited_bytes` (same positions, same text), and
-    raises ValueError for an edit inside a member that is not decoded in full.
-    """
 
-    raw: bytes
-    value: dict[str, Any]  # the decoded members; the others as `scan` left them
-    _top: tuple[_Member, ...]
+def layout_at(raw: bytes, start: int, end: int) -> Layout | None:
+    """The members of the container that `raw[start:end]` holds (exactly one JSON value, validated), their
+    values undecoded; None for a scalar. ValueError when a member's place cannot be proven."""
+    first = raw[start]
+    if first != 0x7B and first != 0x5B:  # "{", "["
+        return None
+    try:
+        node = (_OBJECT if first == 0x7B else _ARRAY).decode(memoryview(raw)[start:end])
+    except _RAW_ERRORS:
+        raise ValueError("container not readable") from None
+    found = _object_layout(raw, start, end, node) if first == 0x7B else _array_layout(raw, start, end, node)
+    if found is None:
+        raise ValueError("container spans not proven")
+    return found
 
-    @staticmethod
-    def scan(raw: bytes) -> list[_Member] | None:
-        """Validate `raw` and locate each top-level member; a member's `value` is its node: a scalar, a
-        dict of undecoded values, or a list of elements (objects as dicts of undecoded values)."""
-        if _TOP_DECODER is None:
-            return None
+
+def _array_layout(raw: bytes, start: int, end: int, items: list[Any]) -> Layout | None:
+    """Where the elements of the array at `raw[start:end]` sit. Compact (every element next to its comma),
+    the element lengths add up to the span and give every place at C speed; else a walk proves each."""
+    if _compact_length(items) == end - start:  # any space or longer spelling would add bytes
+        return compact_array(start, items)
+    return _walk(raw, start, end, None, items)
+
+
+def compact_array(start: int, items: list[Any]) -> Layout:
+    """The layout of an array at `start` written compact (proven by the caller), from its elements'
+    lengths, at C speed."""
+    n = len(items)
+    lens = list(map(len, items))
+    starts = list(map(add, accumulate(lens, initial=0), range(start + 1, start + 1 + n)))
+    return Layout(range(n), starts, starts, list(map(add, starts, lens)), items)
+
+
+def _compact_length(value: Any) -> int:
+    """The length of `value` (from `_NESTED`: undecoded values one or two levels down) written compact in
+    the shortest spelling; -1 for a float (an exponent may be shorter than orjson's spelling) or a value
+    orjson cannot write. A real spelling is never shorter, so equal lengths prove the compact form."""
+    kind = type(value)
+    if kind is list:
+        return sum(map(len, value)) + len(value) + 1 if value else 2
+    if kind is dict:
         try:
-            top = _TOP_DECODER.decode(raw)
-        except _RAW_ERRORS:
-            return None
-        if not utf8_ok(raw):
-            return None
-        base = _address(raw)
-        n = len(raw)
-        j = _ws_bytes(raw, 0)
-        if raw[j : j + 1] != b"{":
-            return None
-        j = _ws_bytes(raw, j + 1)
-        members: list[_Member] = []
-        try:
-            for k, (key, node) in enumerate(top.items()):
-                if k:
-                    if raw[j] != 0x2C:  # ","
-                        return None
-                    j = _ws_bytes(raw, j + 1)
-                start = j
-                token = orjson.dumps(key)
+            keys = sum(len(orjson.dumps(k)) for k in value)
+        except TypeError:
+            return -1
+        return keys + sum(map(len, value.values())) + 2 * len(value) + 1 if value else 2
+    if kind is float:
+        return -1
+    try:
+        return len(orjson.dumps(value))
+    except TypeError:  # an integer beyond 64 bits
+        return -1
+
+
+def _object_layout(raw: bytes, start: int, end: int, node: dict[str, Any]) -> Layout | None:
+    """Where the members of the object at `raw[start:end]` sit: by lengths when compact (orjson's key
+    spelling is the shortest there is, so a sum equal to the span proves no space, no other spelling and
+    no duplicate key, which would each add bytes); else by a walk."""
+    keys = list(node)
+    values = list(node.values())
+    starts: list[int] = []
+    value_starts: list[int] = []
+    ends: list[int] = []
+    pos = start + 1
+    try:
+        for key, v in zip(keys, values, strict=True):
+            starts.append(pos)
+            pos += len(orjson.dumps(key)) + 1
+            value_starts.append(pos)
+            pos += len(v)
+            ends.append(pos)
+            pos += 1
+    except TypeError:  # orjson.JSONEncodeError: a key with a lone surrogate
+        return None
+    if pos == end if keys else end - start == 2:
+        return Layout(keys, starts, value_starts, ends, values)
+    return _walk(raw, start, end, keys, values)
+
+
+def _walk(raw: bytes, start: int, end: int, keys: list[str] | None, values: list[Any]) -> Layout | None:
+    """The layout of a container with spaces in it, proven member by member: each key in orjson's spelling,
+    each value's bytes at the place the walk reached, then a separator (so a number is not a prefix of a
+    longer one), and the closing bracket last at `end` (so no member is missing: no duplicate key). None
+    when anything differs."""
+    starts: list[int] = []
+    value_starts: list[int] = []
+    ends: list[int] = []
+    close = 0x7D if keys is not None else 0x5D
+    j = _ws_bytes(raw, start + 1)
+    try:
+        for n, v in enumerate(values):
+            if n:
+                if raw[j] != 0x2C:  # ","
+                    return None
+                j = _ws_bytes(raw, j + 1)
+            starts.append(j)
+            if keys is not None:
+                token = orjson.dumps(keys[n])
                 if not raw.startswith(token, j):
                     return None
                 j = _ws_bytes(raw, j + len(token))
                 if raw[j] != 0x3A:  # ":"
                     return None
                 j = _ws_bytes(raw, j + 1)
-                end = _extent(raw, base, j, node)
-                if end < 0:
-                    return None
-                members.append(_Member(key, start, j, end, node))
-                j = _ws_bytes(raw, end)
-            if raw[j] != 0x7D or _ws_bytes(raw, j + 1) != n:  # "}" and nothing after it
-                return None  # more members in the bytes than in the dict (duplicate keys), or junk
-        except (IndexError, TypeError):  # orjson.JSONEncodeError: a key or scalar orjson cannot write
+            if not raw.startswith(v, j):
+                return None
+            value_starts.append(j)
+            j += len(v)
+            ends.append(j)
+            j = _ws_bytes(raw, j)
+            if j >= end or raw[j] not in (0x2C, close):
+                return None
+        if j != end - 1 or raw[j] != close:
             return None
-        return members
+    except (IndexError, TypeError):  # orjson.JSONEncodeError: a key orjson cannot write
+        return None
+    return Layout(range(len(values)) if keys is None else keys, starts, value_starts, ends, values)
+
+
+def _edited_bytes(raw: bytes, top: Layout, edits: Iterable[Edit], known: dict[int, Layout]) -> bytes:
+    """`raw` with `edits` spliced in, the containers located by `layout_at` (or found in `known`, by their
+    start). Same positions and replacement text as `Document.edited`, so the same result."""
+    tree = _trie(edits)
+    if not tree:
+        return raw
+
+    def at(start: int, end: int, value: Any) -> Layout | None:
+        return known.get(start) or layout_at(raw, start, end)
+
+    ops: list[tuple[int, int, str]] = []
+    _container_ops(top, tree, ops, at)
+    ops.sort(key=lambda op: op[0])
+    out: list[bytes | memoryview] = []
+    view = memoryview(raw)  # slices without copies: the join below copies once
+    pos = 0
+    for start, end, new in ops:
+        if start < pos:
+            raise ValueError("overlapping edits")
+        out.append(view[pos:start])
+        out.append(new.encode("utf-8"))
+        pos = end
+    out.append(view[pos:])
+    return b"".join(out)
+
+
+def _trimmed(raw: bytes) -> tuple[int, int]:
+    """Where the JSON value in `raw` starts and ends (spaces around it allowed)."""
+    start, end = _ws_bytes(raw, 0), len(raw)
+    while end > start and raw[end - 1] in b" \t\n\r":
+        end -= 1
+    return start, end
+
+
+def _top_layout(raw: bytes, node: dict[str, Any]) -> Layout | None:
+    """The layout of the top-level object, its values undecoded."""
+    start, end = _trimmed(raw)
+    if raw[start : start + 1] != b"{":
+        return None
+    return _object_layout(raw, start, end, node)
+
+
+@dataclass(frozen=True, slots=True)
+class RawDocument:
+    """A JSON object parsed with orjson whose top-level members are located exactly in the original bytes.
+
+    `parse` returns None unless orjson reads the body, msgspec validates it and every top-level member is
+    proven in place; the caller then uses `Document`. Edits are spliced into the bytes as `Document.edited`
+    splices text: same positions, same replacement text, so the same result.
+    """
+
+    raw: bytes
+    value: dict[str, Any]
+    _top: Layout | tuple[()]
 
     @classmethod
-    def build(cls, raw: bytes, members: list[_Member], value: dict[str, Any]) -> SparseDocument:
-        """The document of `scan`'s members with `value` (member name -> what the caller decoded)."""
-        top = tuple(m._replace(value=value[str(m.key)]) for m in members)
-        return cls(raw, value, top)
+    def parse(cls, raw: bytes) -> RawDocument | None:
+        if _OBJECT is None:
+            return None
+        try:
+            value = orjson.loads(raw)
+            node = _OBJECT.decode(raw)
+        except _PARSE_ERRORS:  # orjson is stricter than `json`: let `Document` decide
+            return None
+        top = _top_layout(raw, node) if isinstance(value, dict) else None
+        return None if top is None else cls(raw, value, top)
 
-    def full(self, member: _Member) -> Any:
-        """The complete Python value of one top-level member."""
-        return orjson.loads(memoryview(self.raw)[member.value_start : member.end])
+    def edited_bytes(self, edits: Iterable[Edit]) -> bytes:
+        """The document bytes with `edits` spliced in. Raises ValueError when a container on an edited path
+        cannot be located (the caller then edits through `Document`)."""
+        assert isinstance(self._top, Layout)
+        return _edited_bytes(self.raw, self._top, edits, {})
+
+
+# --- validate the whole body, decode only what the rules read (the forwarding path's fastest case) ----------
+
+
+@dataclass(frozen=True, slots=True)
+class SparseDocument:
+    """A body validated in full (msgspec, UTF-8) whose top-level members are located exactly in the bytes,
+    with only some of them decoded to Python values (the others stay undecoded `msgspec.Raw` views).
+
+    `scan` returns None for anything it cannot prove (duplicate top-level keys, a key not in orjson's
+    spelling, nesting deeper than the parser allows, invalid JSON or UTF-8): the caller then parses in full
+    and gets the exact answer, error included. `edited_bytes` splices like `RawDocument.edited_bytes`, the
+    containers on the edited paths located from their bytes (`known`: those located already).
+    """
+
+    raw: bytes
+    value: dict[str, Any]  # the decoded members; the others undecoded
+    _top: Layout
+    known: dict[int, Layout] = field(default_factory=dict)  # container start -> its layout
+
+    @staticmethod
+    def scan(raw: bytes) -> Layout | None:
+        """Validate `raw` and locate each top-level member. Written compact (the usual case: one msgspec
+        pass, the members and their arrays' elements located by lengths), a member's value is an array
+        of undecoded values, an object of undecoded values, or a scalar; else it is undecoded and its
+        place proven by a walk."""
+        if _NESTED is None:
+            return None
+        try:
+            node = _NESTED.decode(raw)
+        except _RAW_ERRORS:
+            return None
+        if not utf8_ok(raw):
+            return None
+        start, end = _trimmed(raw)
+        if raw[start] != 0x7B:
+            return None
+        starts: list[int] = []
+        value_starts: list[int] = []
+        ends: list[int] = []
+        pos = start + 1
+        for key, v in node.items():
+            n = _compact_length(v)
+            if n < 0:
+                break
+            starts.append(pos)
+            pos += len(orjson.dumps(key)) + 1
+            value_starts.append(pos)
+            pos += n
+            ends.append(pos)
+            pos += 1
+        else:
+            if pos == end if node else end - start == 2:
+                return Layout(list(node), starts, value_starts, ends, list(node.values()))
+        try:  # not compact: the members one by one
+            return _top_layout(raw, _OBJECT.decode(raw))
+        except _RAW_ERRORS:  # pragma: no cover (validated above)
+            return None
 
     def edited_bytes(self, edits: Iterable[Edit]) -> bytes:
         """The bytes with `edits` spliced in (ValueError: an edit the bytes alone cannot prove)."""
-        return RawDocument(self.raw, self.value, self._top).edited_bytes(edits)
-
-
-def _extent(raw: bytes, base: int, j: int, node: Any) -> int:
-    """One past the end of the top-level value that starts at `j` and decoded to `node`; -1 if unproven."""
-    if isinstance(node, dict):
-        return _close(raw, base, j, 0x7B, 0x7D, node.values())
-    if isinstance(node, list):
-        if not node:
-            return _close(raw, base, j, 0x5B, 0x5D, ())
-        last = node[-1]
-        if isinstance(last, dict) and last:
-            end = _close(raw, base, -1, 0x7B, 0x7D, last.values())
-            k = _ws_bytes(raw, end) if end >= 0 else -1
-            return k + 1 if k >= 0 and raw[j] == 0x5B and raw[k] == 0x5D else -1
-        if any(isinstance(e, dict | list) for e in node):
-            return -1  # an undecoded object or list, then a scalar at the end: no address to go by
-        token = orjson.dumps(node)  # a list of scalars: proven by its compact form
-        return j + len(token) if raw.startswith(token, j) else -1
-    token = orjson.dumps(node)
-    return j + len(token) if raw.startswith(token, j) else -1
-
-
-def _close(raw: bytes, base: int, j: int, open_: int, close: int, values: Iterable[Any]) -> int:
-    """One past the closing bracket of the container whose undecoded member values are `values` (at `j`
-    when known, -1: not checked); the last value in the bytes is the one at the highest address."""
-    last = max(values, key=_address, default=None)
-    if last is None:
-        if raw[j] != open_:
-            return -1
-        k = _ws_bytes(raw, j + 1)
-        return k + 1 if raw[k] == close else -1
-    if j >= 0 and raw[j] != open_:
-        return -1
-    at = _address(last) - base
-    if not 0 <= at <= len(raw) - len(last) or not raw.startswith(last, at):
-        return -1  # not a view of these bytes
-    k = _ws_bytes(raw, at + len(last))
-    return k + 1 if raw[k] == close else -1
+        return _edited_bytes(self.raw, self._top, edits, self.known)

@@ -11,6 +11,7 @@ import fnmatch
 import functools
 import hashlib
 import json
+from bisect import bisect_right
 from collections.abc import Mapping
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,18 +27,27 @@ from stableprefix.core.fingerprint import Fingerprint
 from stableprefix.core.fingerprint import fingerprint
 from stableprefix.core.jsonedit import Document
 from stableprefix.core.jsonedit import Edit
+from stableprefix.core.jsonedit import Layout
 from stableprefix.core.jsonedit import RawDocument
 from stableprefix.core.jsonedit import SparseDocument
 from stableprefix.core.jsonedit import apply_edits
+from stableprefix.core.jsonedit import compact_array
 from stableprefix.core.jsonedit import decode
+from stableprefix.core.jsonedit import layout_at
 from stableprefix.core.jsonedit import undecoded
+from stableprefix.core.rules import MOVE
 from stableprefix.core.rules import Outcome
 from stableprefix.core.rules import Rule
 from stableprefix.core.rules import StickyMemory
 from stableprefix.core.rules import apply
 from stableprefix.core.rules import builtin_rules
-from stableprefix.core.rules import guard_hits
+from stableprefix.core.rules import guard_literals
+from stableprefix.core.rules import guard_ok
+from stableprefix.core.rules import literal_finder
+from stableprefix.core.rules import literals_hit
+from stableprefix.core.rules import may_hide_guard
 from stableprefix.core.rules import slot_scopes as rules_slot_scopes
+from stableprefix.core.rules import text_guard
 from stableprefix.core.shapes import Shape
 
 #: Anthropic's first-party API: rewriting there breaks subscription recognition and gains nothing.
@@ -52,18 +62,9 @@ class Settings:
     passthrough: tuple[str, ...] = DEFAULT_PASSTHROUGH
 
     @functools.cached_property
-    def sparse_scopes(self) -> frozenset[str] | None:
-        """The slot scopes when the forwarding path may decode only the members and messages the enabled
-        rules read (every enabled rule edits text of some roles, none a path or the tools); else None."""
-        scopes = self.slot_scopes
-        if scopes is None or "tool" in scopes:
-            return None
-        for r in self.rules:
-            if r.enabled and (
-                r.matcher is None or any(s.kind not in ("system", "messages") for s in r.scopes)
-            ):
-                return None
-        return scopes
+    def sparse_plans(self) -> dict[shapes.Api, SparsePlan | None]:
+        """Per API, what the forwarding path decodes of a body for the enabled rules (None: it parses in full)."""
+        return {api: sparse_plan(self.rules, api) for api in shapes.Api}
 
     @functools.cached_property
     def slot_scopes(self) -> frozenset[str] | None:
@@ -71,9 +72,24 @@ class Settings:
         scopes = rules_slot_scopes(self.rules)
         return None if scopes is None else scopes | {"system"}
 
+    @functools.cached_property
+    def guards(self) -> tuple[bytes, ...] | None:
+        """`rules.guard_literals` of the rules, computed once."""
+        return guard_literals(self.rules)
+
+    @functools.cached_property
+    def _passthrough_seen(self) -> dict[str, bool]:
+        return {}
+
     def is_passthrough(self, host: str) -> bool:
-        host = host.lower().rstrip(".")
-        return any(fnmatch.fnmatchcase(host, p.lower()) for p in self.passthrough)
+        seen = self._passthrough_seen
+        hit = seen.get(host)
+        if hit is None:
+            name = host.lower().rstrip(".")
+            hit = any(fnmatch.fnmatchcase(name, p.lower()) for p in self.passthrough)
+            if len(seen) < 1024:  # hosts a proxy sees are few; a flood of names is not remembered
+                seen[host] = hit
+        return hit
 
 
 @dataclass
@@ -174,7 +190,7 @@ def forward(
         return None
     record = records.new(host, path, str(api))
     fwd = Forward(None, record, raw, headers or {}, settings, sticky)
-    if settings.observe or settings.is_passthrough(host) or not guard_hits(settings.rules, raw):
+    if settings.observe or settings.is_passthrough(host) or not literals_hit(settings.guards, raw):
         return fwd  # no rule can change these bytes: they go out as they came, `analyse` parses them
     if not _sparse(fwd) and not _parse(fwd):
         return fwd
@@ -204,8 +220,8 @@ def _edited(doc: Document | RawDocument | SparseDocument, edits: list[Edit]) -> 
     return doc.edited(edits).encode("utf-8")
 
 
-#: Top-level members decoded in full on the sparse path, per API (besides ``metadata``: the session id);
-#: the lists of messages (or items) are decoded only as far as the wanted roles.
+#: Top-level members decoded in full on the sparse path, per API (besides ``metadata``: the session id, and
+#: what path and tools rules name); the list of messages (or items) is decoded only where a rule may read.
 _SPARSE_FULL: dict[shapes.Api, tuple[str, ...]] = {
     shapes.Api.ANTHROPIC: ("system",),
     shapes.Api.ANTHROPIC_COUNT: ("system",),
@@ -221,66 +237,137 @@ _SPARSE_LISTS: dict[shapes.Api, str] = {
     shapes.Api.OLLAMA_CHAT: "messages",
     shapes.Api.OPENAI_RESPONSES: "input",
 }
+_SYSTEMISH = frozenset({"system", "developer"})
+
+
+@dataclass(frozen=True)
+class SparsePlan:
+    """What the sparse forwarding path decodes for a set of rules: top-level members in full (`full`), and
+    of the list of messages (`items`: ``messages`` or ``input``) only the elements a rule may change: those
+    of a system-like or unknown role (`by_role`: some rule edits system text), those holding one of
+    `guards` (a literal one of which every change a message rule or a path rule into the list makes
+    contains), and the first turn (`first_turn`: the move rule reads it)."""
+
+    full: frozenset[str]
+    items: str | None
+    by_role: bool
+    guards: tuple[bytes, ...]
+    first_turn: bool
+
+
+def sparse_plan(rules: Sequence[Rule], api: shapes.Api) -> SparsePlan | None:
+    """The plan for `rules` on `api`; None when a rule may change a message without a literal to find it by."""
+    items = _SPARSE_LISTS.get(api)
+    full = {*_SPARSE_FULL[api], "metadata"}
+    guards: list[str] = []
+    by_role = first_turn = False
+    for r in rules:
+        if not r.enabled:
+            continue
+        first_turn |= r.action == MOVE
+        for scope in r.scopes:
+            if scope.kind == "system":
+                by_role |= r.matcher is not None
+            elif scope.kind == "messages" and r.matcher is not None:
+                literals = text_guard(r)
+                if literals is None:
+                    return None
+                guards += literals
+            elif scope.kind == "tools":
+                full.add("tools")
+            elif scope.kind == "path" and isinstance(head := scope.pattern[0], str):
+                if head != items:
+                    full.add(head)
+                    continue
+                inside = [k for k in scope.pattern[1:] if isinstance(k, str)]
+                if not inside or not guard_ok(inside[-1]):
+                    return None  # e.g. ``messages[*]``: every element, no literal to find them by
+                guards.append(inside[-1])
+    full.discard(items or "")
+    return SparsePlan(
+        frozenset(full), items, by_role, tuple(g.encode() for g in dict.fromkeys(guards)), first_turn
+    )
 
 
 def _sparse(fwd: Forward) -> bool:
     """The forwarding path's fastest case: validate the whole body without building it, decode only the
-    members and messages the enabled text rules read, detect the shape on that. False (nothing set) when
-    it does not apply or cannot prove something: the caller parses in full, which gives the exact answer
-    (errors included)."""
-    scopes = fwd.settings.sparse_scopes
+    members and messages the enabled rules may change (`SparsePlan`), detect the shape on that. False
+    (nothing set) when it does not apply or cannot prove something: the caller parses in full, which gives
+    the exact answer (errors included)."""
+    raw = fwd.raw
     api = shapes.api_for_path(fwd.record["path"])
-    if scopes is None or api is None:
+    plan = None if api is None else fwd.settings.sparse_plans[api]
+    if api is None or plan is None:
         return False
-    members = SparseDocument.scan(fwd.raw)
-    if members is None:
+    top = SparseDocument.scan(raw)
+    if top is None:
         return False
-    full = {*_SPARSE_FULL[api], "metadata"}
-    listed = _SPARSE_LISTS.get(api)
     value: dict[str, Any] = {}
+    known: dict[int, Layout] = {}
     only: list[int] | None = None
+    view = memoryview(raw)
+    literals = (*plan.guards, *(_SYSTEMISH_LITERALS[api] if plan.by_role else ()))
     try:
-        for m in members:
-            if m.key in full:
-                value[str(m.key)] = (
-                    m.value if not isinstance(m.value, dict | list) else decode_member(fwd.raw, m)
-                )
-            elif m.key == listed and isinstance(m.value, list):
-                only = _wanted(m.value, scopes)
-                if only is None:
+        for i, key in enumerate(map(str, top.keys)):
+            node, at, end = top.values[i], top.value_starts[i], top.ends[i]
+            if key == plan.items and raw[at] == 0x5B:  # "[": the list, sparsely
+                got = _items(raw, at, end, node, literals, plan)
+                if got is None:
                     return False
-                value[str(m.key)] = m.value
+                known[at], value[key], only = got
+            elif key in plan.full or key == plan.items:
+                value[key] = orjson.loads(view[at:end])
             else:
-                value[str(m.key)] = m.value  # not read by the shape or the text rules
-        doc = SparseDocument.build(fwd.raw, members, value)
+                value[key] = node  # not decoded: neither the shape nor a rule reads it
         shape = shapes.detect(fwd.record["path"], value, fwd.settings.slot_scopes, only)
     except (ValueError, RecursionError):  # a shape error, or orjson refusing what msgspec took
         return False
     if shape is None:
         return False
-    fwd.doc, fwd.shape = doc, shape
+    fwd.doc, fwd.shape = SparseDocument(raw, value, top, known), shape
     return True
 
 
-def decode_member(raw: bytes, member: Any) -> Any:
-    """The full Python value of a top-level member located by `SparseDocument.scan`."""
-    return decode(memoryview(raw)[member.value_start : member.end])
-
-
-def _wanted(items: list[Any], scopes: frozenset[str]) -> list[int] | None:
-    """The indices of the messages (or Responses items) the shape must read: those whose role is wanted or
-    may be (system, developer, not a string, no role); each of them is decoded in full in place, the
-    others stay undecoded. None when an item is not an object (the full parse says why)."""
-    if not all(isinstance(e, dict) for e in items):
+def _items(
+    raw: bytes, start: int, end: int, node: Any, literals: tuple[bytes, ...], plan: SparsePlan
+) -> tuple[Layout, list[Any], list[int]] | None:
+    """The list of messages at `raw[start:end]` (`node`: its elements undecoded, or the whole of it) with
+    the elements `plan` names decoded (the others undecoded), and their indices: those holding one of
+    `literals` (a guard, or the role literal of a system-like role), and the first turn. None when it
+    cannot say (an element not an object: the full parse says why; an escape that may spell a literal)."""
+    layout = compact_array(start, node) if type(node) is list else layout_at(raw, start, end)
+    assert layout is not None
+    if not set(map(raw.__getitem__, layout.value_starts)) <= {0x7B}:
+        return None  # not all objects ("{")
+    if literals and may_hide_guard(raw):
         return None
-    roles = orjson.loads(b"[" + b",".join([e.get("role", b"null") for e in items]) + b"]")  # no role: null
-    wanted = [k for k, r in enumerate(roles) if type(r) is not str or r in _SYSTEMISH or r in scopes]
+    wanted = set()
+    starts, ends = layout.starts, layout.ends
+    for literal in literals:
+        search = literal_finder(literal)
+        found = search(raw, start, end)
+        while found is not None:
+            k = bisect_right(starts, found.start()) - 1
+            wanted.add(k)
+            found = search(raw, max(ends[k], found.start() + 1), end)
+    items = list(layout.values)
+    if plan.first_turn:  # up to the first assistant message (`rules.move_inline_system` reads that far)
+        for k, item in enumerate(items):
+            items[k] = decode(item)
+            wanted.add(k)
+            if items[k].get("role") == "assistant":
+                break
     for k in wanted:
-        items[k] = {key: decode(v) if undecoded(v) else v for key, v in items[k].items()}
-    return wanted
+        if undecoded(items[k]):
+            items[k] = decode(items[k])
+    return layout, items, sorted(wanted)
 
 
-_SYSTEMISH = frozenset({"system", "developer"})
+#: The bytes every message of a system-position role holds (its role, as encoders write it), per API.
+_SYSTEMISH_LITERALS = {api: (b'"system"', b'"developer"') for api in shapes.Api} | {
+    shapes.Api.ANTHROPIC: (b'"system"',),
+    shapes.Api.ANTHROPIC_COUNT: (b'"system"',),
+}
 
 
 def _parse(fwd: Forward) -> bool:

@@ -18,6 +18,7 @@ backtrack catastrophically on a megabyte prompt (RE2 syntax: no backreferences o
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 import tomllib
@@ -90,27 +91,35 @@ class RegexMatcher:
 
     pattern: str
     compiled: Any = field(repr=False, compare=False, default=None)
+    #: Literals of which one occurs in every match (`required_literals`); None: none known.
+    literals: tuple[str, ...] | None = field(repr=False, compare=False, default=None)
 
     @classmethod
     def compile(cls, pattern: str) -> RegexMatcher:
         try:
-            return cls(pattern, re2.compile(pattern, _RE2_OPTIONS))
+            compiled = re2.compile(pattern, _RE2_OPTIONS)
         except Exception as e:  # re2.error carries bytes
             raise ValueError(f"bad regex {pattern!r}: {_re2_message(e)}") from None
+        return cls(pattern, compiled, required_literals(pattern))
 
     @property
     def groups(self) -> tuple[str, ...]:
         return tuple(self.compiled.groupindex)
 
     def find(self, text: str, lead: bool) -> list[Found]:
+        if self.literals is not None and not any(lit in text for lit in self.literals):
+            return []  # no match can lack them: skip the regex engine
         out = []
         groups = list(self.compiled.groupindex.items())  # google-re2 spans take group numbers only
-        try:
-            matches = list(self.compiled.finditer(text))
-        except (
-            UnicodeEncodeError
-        ):  # RE2 matches UTF-8; lone surrogates (valid JSON escapes) cannot be encoded
-            matches = list(self.compiled.finditer(_SURROGATE.sub("\ufffd", text)))  # same offsets
+        if text.isascii():  # byte offsets are character offsets: no conversions in the wrapper (3x faster)
+            matches = list(self.compiled.finditer(text.encode("ascii")))
+        else:
+            try:
+                matches = list(self.compiled.finditer(text))
+            except (
+                UnicodeEncodeError
+            ):  # RE2 matches UTF-8; lone surrogates (valid JSON escapes) cannot be encoded
+                matches = list(self.compiled.finditer(_SURROGATE.sub("\ufffd", text)))  # same offsets
         for m in matches:
             if m.end() == m.start():
                 continue
@@ -133,6 +142,8 @@ class BillingMatcher:
     groups = ("cch", "suffix")
 
     def find(self, text: str, lead: bool) -> list[Found]:
+        if billing.GUARD not in text:
+            return []
         headers = billing.find_all(text)
         if not headers or not (lead or not text[headers[-1].end :].strip()):
             return []
@@ -221,7 +232,7 @@ def derive_guard(rule: Rule) -> tuple[str, ...] | None:
             keys.append("tools")
         elif scope.kind == "path":
             named = [k for k in scope.pattern if isinstance(k, str)]
-            if not named or not _guard_ok(named[-1]):
+            if not named or not guard_ok(named[-1]):
                 return None
             keys.append(named[-1])
         else:
@@ -229,7 +240,8 @@ def derive_guard(rule: Rule) -> tuple[str, ...] | None:
     return tuple(dict.fromkeys(keys)) or None
 
 
-def _guard_ok(literal: str) -> bool:
+def guard_ok(literal: str) -> bool:
+    """Whether `literal` can serve as a guard (long enough, only characters JSON writes as they are)."""
     return len(literal) >= _MIN_GUARD and all(c in _GUARD_CHARS for c in literal)
 
 
@@ -266,7 +278,7 @@ def _required(items: list[Any]) -> tuple[str, ...] | None:
     def flush() -> None:
         literal = "".join(run)
         run.clear()
-        if _guard_ok(literal):
+        if guard_ok(literal):
             consider((literal,))
 
     for op, av in items:
@@ -295,37 +307,59 @@ def _required(items: list[Any]) -> tuple[str, ...] | None:
     return best
 
 
-def may_hide_guard(raw: bytes, limit: int = 1000) -> bool:
+_HIDING_ESCAPE = re2.compile(rb"\\u00[2-7]", _RE2_OPTIONS)
+
+
+def may_hide_guard(raw: bytes) -> bool:
     """Whether `raw` holds a ``\\u00XX`` escape of a printable ASCII character (``\\u0020``-``\\u007f``),
     which could spell a guard without its literal bytes. JavaScript's and Python's encoders never write
-    such escapes, so the answer is almost always no after a few ``find`` calls; more than `limit` other
-    ``\\u00`` escapes count as yes."""
-    pos = raw.find(b"\\u00")
-    n = 0
-    while pos >= 0:
-        if raw[pos + 4 : pos + 5] in (b"2", b"3", b"4", b"5", b"6", b"7"):
-            return True
-        n += 1
-        if n > limit:
-            return True
-        pos = raw.find(b"\\u00", pos + 4)
-    return False
+    such escapes. One RE2 scan (a tenth of ``bytes.find``'s time for this needle: backslashes are common)."""
+    return _HIDING_ESCAPE.search(raw) is not None
+
+
+def text_guard(rule: Rule) -> tuple[str, ...] | None:
+    """Literals of which one occurs in a text whenever the text rule `rule` can change it (its matcher's
+    own: the billing header, a regex's required literals); None when there is none. Unlike `Rule.guard`
+    (which a caller may set to any literal of the body), this holds text by text, so it may pick the
+    messages to read."""
+    if isinstance(rule.matcher, BillingMatcher):
+        return (billing.GUARD,)
+    if isinstance(rule.matcher, RegexMatcher):
+        return rule.matcher.literals
+    return None
 
 
 def guard_hits(rules: Iterable[Rule], raw: bytes) -> bool:
     """Whether any enabled rule could change `raw`: a guard occurs, a rule has none, or an escape may hide one."""
+    return literals_hit(guard_literals(rules), raw)
+
+
+def guard_literals(rules: Iterable[Rule]) -> tuple[bytes, ...] | None:
+    """The guards of the enabled rules, as bytes, once each; None when a rule has none (every body may change)."""
     guards: list[bytes] = []
     for r in rules:
         if not r.enabled:
             continue
         if r.guard is None:
-            return True
+            return None
         guards.extend(g.encode() for g in r.guard)
-    if not guards:
+    return tuple(dict.fromkeys(guards))
+
+
+def literals_hit(literals: tuple[bytes, ...] | None, raw: bytes) -> bool:
+    """`guard_hits` for the `guard_literals` of a set of rules."""
+    if literals is None:
+        return True
+    if not literals:
         return False
-    # From the end: Claude Code sends ``system`` (the billing header) and ``tools`` after the messages, so
-    # the usual hit is found after a few kilobytes; "any occurrence" is the same answer either way.
-    return any(raw.rfind(g) >= 0 for g in dict.fromkeys(guards)) or may_hide_guard(raw)
+    return any(literal_finder(g)(raw) is not None for g in literals) or may_hide_guard(raw)
+
+
+@functools.cache
+def literal_finder(literal: bytes) -> Any:
+    """The ``search(raw, pos, endpos)`` of an RE2 pattern for `literal`: RE2 skips ahead with ``memchr``,
+    ten times faster than ``bytes.find`` on JSON bodies."""
+    return re2.compile(re2.escape(literal), _RE2_OPTIONS).search
 
 
 # --- built-in rules -----------------------------------------------------------------------------------
@@ -515,7 +549,10 @@ def expand_path(value: Any, pattern: Sequence[str | int | None], base: JsonPath 
     elif isinstance(value, list):
         indices = range(len(value)) if head is None else [head] if 0 <= head < len(value) else []
         for i in indices:
-            yield from expand_path(value[i], rest, (*base, i))
+            v = value[i]
+            if rest and not isinstance(v, dict | list):  # nothing below a scalar (or an undecoded value)
+                continue
+            yield from expand_path(v, rest, (*base, i))
 
 
 # --- applying rules -------------------------------------------------------------------------------------
@@ -650,11 +687,14 @@ def apply(
         )
     # Path rules, then tools rules, each on the body as the rules before it left it; their edits are mapped
     # back to the original body's indices (earlier rules may have deleted array elements).
+    edited: tuple[int, Any] = (0, shape.body)  # the body as the first n edits leave it
     for kind in ("path", "tools"):
         for rule in active:
             for scope in rule.scopes:
                 if scope.kind == kind:
-                    body = apply_edits(shape.body, out.edits) if out.edits else shape.body
+                    if edited[0] != len(out.edits):
+                        edited = (len(out.edits), apply_edits(shape.body, out.edits))
+                    body = edited[1]
                     step = Outcome()
                     if kind == "tools":
                         _apply_tools_rule(rule, body, step)

@@ -173,7 +173,7 @@ def _openai_chat_slots(
     for k, m in _indexed(messages, only):
         _req(isinstance(m, dict), f"messages[{k}] is not an object")
         role = m.get("role")
-        scope = "system" if role in SYSTEM_ROLES else str(role)
+        scope = "system" if isinstance(role, str) and role in SYSTEM_ROLES else str(role)
         if _wanted(scope, scopes):
             yield from _content_slots(m.get("content"), ("messages", k, "content"), scope, ("messages", k))
 
@@ -193,7 +193,7 @@ def _openai_responses_slots(
         _req(isinstance(item, dict), f"input[{k}] is not an object")
         role = item.get("role")
         if role is not None:
-            scope = "system" if role in SYSTEM_ROLES else str(role)
+            scope = "system" if isinstance(role, str) and role in SYSTEM_ROLES else str(role)
             if _wanted(scope, scopes):
                 yield from _content_slots(item.get("content"), ("input", k, "content"), scope, ("input", k))
         elif item.get("type") == "function_call_output" and isinstance(item.get("output"), str):
