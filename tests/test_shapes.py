@@ -183,3 +183,12 @@ def test_scopes_limit_the_slots_to_what_rules_read() -> None:
     assert scopes_of(frozenset({"tool"})) == scopes_of(None)  # tool results sit inside user messages
     with pytest.raises(ShapeError):  # bad shapes are still refused, whatever is read
         shapes.detect("/v1/messages", {"messages": ["x"]}, frozenset({"system"}))
+
+
+@pytest.mark.parametrize("role", [["system"], {"r": "system"}, 3, None])
+def test_a_role_that_is_not_a_string_is_no_system_role(role: Any) -> None:
+    """A list or object role (a broken client) used to raise TypeError (unhashable) in `parts`."""
+    body = {"model": "m", "messages": [{"role": role, "content": "hi"}, {"role": "user", "content": "x"}]}
+    for api in (Api.OPENAI_CHAT, Api.OLLAMA_CHAT):
+        p = shapes.parts(api, body)
+        assert p.system == [] and p.messages == body["messages"]

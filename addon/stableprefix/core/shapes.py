@@ -61,6 +61,10 @@ class Shape:
 
 
 SYSTEM_ROLES = frozenset({"system", "developer"})
+
+
+def _is_system(role: Any) -> bool:
+    return isinstance(role, str) and role in SYSTEM_ROLES  # a list or object role is no role
 _PARAMS: dict[Api, tuple[str, ...]] = {
     Api.ANTHROPIC: ("model", "thinking", "tool_choice", "output_config"),
     Api.ANTHROPIC_COUNT: ("model", "thinking", "tool_choice", "output_config"),
@@ -173,7 +177,7 @@ def _openai_chat_slots(
     for k, m in _indexed(messages, only):
         _req(isinstance(m, dict), f"messages[{k}] is not an object")
         role = m.get("role")
-        scope = "system" if isinstance(role, str) and role in SYSTEM_ROLES else str(role)
+        scope = "system" if _is_system(role) else str(role)
         if _wanted(scope, scopes):
             yield from _content_slots(m.get("content"), ("messages", k, "content"), scope, ("messages", k))
 
@@ -193,7 +197,7 @@ def _openai_responses_slots(
         _req(isinstance(item, dict), f"input[{k}] is not an object")
         role = item.get("role")
         if role is not None:
-            scope = "system" if isinstance(role, str) and role in SYSTEM_ROLES else str(role)
+            scope = "system" if _is_system(role) else str(role)
             if _wanted(scope, scopes):
                 yield from _content_slots(item.get("content"), ("input", k, "content"), scope, ("input", k))
         elif item.get("type") == "function_call_output" and isinstance(item.get("output"), str):
@@ -261,7 +265,7 @@ def parts(api: Api, body: dict[str, Any]) -> Parts:
     else:
         messages = list(body.get("messages") or [])
     if api in (Api.OPENAI_CHAT, Api.OLLAMA_CHAT, Api.OPENAI_RESPONSES):
-        while messages and isinstance(messages[0], dict) and messages[0].get("role") in SYSTEM_ROLES:
+        while messages and isinstance(messages[0], dict) and _is_system(messages[0].get("role")):
             system.extend(_texts(messages.pop(0).get("content")))
     tools = body.get("tools")
     tools = tools if isinstance(tools, list) else []
