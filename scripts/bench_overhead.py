@@ -73,6 +73,7 @@ SESSION_HEADER = "X-Claude-Code-Session-Id"
 HDRS = {SESSION_HEADER: "bench"}
 SENT_HEADER = "X-Bench-Sent-Ns"  # the client's send time; the upstream answers with the delay to receipt
 DELAY_HEADER = "X-Bench-Forward-Ns"
+GAP_HEADER = "X-Bench-Event-Gap-Ms"  # the upstream waits this long between two SSE events (0: back to back)
 
 
 # --- the recording upstream (own process, so the client's GIL does not slow it down) -------------------
@@ -104,7 +105,10 @@ class _UpstreamHandler(BaseHTTPRequestHandler):
             self.send_header("content-length", str(len(data)))
             self.send_header(DELAY_HEADER, delay)
             self.end_headers()
-            for e in events:  # one write per event, as a server streaming tokens would
+            gap = float(self.headers.get(GAP_HEADER) or 0) / 1000
+            for k, e in enumerate(events):  # one write per event, as a server streaming tokens would
+                if gap and k:
+                    time.sleep(gap)  # a paced stream: one event per `gap`, like a model generating tokens
                 self.wfile.write(e.encode())
                 self.wfile.flush()
             return
@@ -592,6 +596,9 @@ class Bench:
 
     # -- stall: a 5 MB request alongside 16 small streaming flows
 
+    #: the two loads of the small flows: the upstream's pause between two SSE events (ms)
+    STALL_REGIMES = (("back to back", 0), ("paced: 10 ms between events", 10))
+
     def stall(self) -> None:
         """16 clients send small streaming requests in a loop through each arm, first alone, then while 5 MB
         requests go through the same proxy; the small flows' latency inside each 5 MB window, side by side."""
@@ -601,53 +608,64 @@ class Bench:
         small_body["stream"] = True
         small = compact(small_body)
         big = self.bodies(5 * MB, 1)[0]
-        proxies, logs = self._stall_proxies()
-        res: dict[str, dict[str, list[float]]] = {
-            a: {k: [] for k in ("alone", "alone_ttfb", "during", "during_ttfb", "big", "window", "analysis")}
-            for a in arms
-        }
-        try:
-            for r in range(rounds):
-                for arm in arms[r % len(arms) :] + arms[: r % len(arms)]:  # alternate which arm goes first
-                    got = self._stall_arm(
-                        arm, proxies[arm].port or 0, logs.get(arm), small, big, bigs, alone_s, r
-                    )
-                    for k, v in got.items():
-                        res[arm][k].extend(v)
-        finally:
-            for p in proxies.values():
-                p.stop()
         self.out()
         self.out(f"### {STALL_CLIENTS} small streaming flows while a 5 MB request goes through (ms)")
         self.out()
         self.out(
             f"{STALL_CLIENTS} clients, each on its own keep-alive connection, send a {len(small) / KB:.1f} KB "
             'Claude-Code-shaped `"stream": true` request in a loop; the upstream answers each with 10 SSE '
-            "events written one by one. Per arm, first alone for "
-            f"{alone_s:.1f} s (baseline), then {bigs} x per round one 5 MB Claude-Code-shaped request "
-            f"({len(big) / MB:.1f} MB, its own session id) through the same proxy; {rounds} rounds, arm order "
-            "rotated. **Window** of a 5 MB request: from its send to the later of its response and its record "
-            "in the addon's JSONL log (the analysis and completion done; bare: to its response). A small "
-            "request counts when its lifetime overlaps a window. Each cell: median / p95 / max of the small "
-            "requests' time to the last byte (ttfb: to the first body byte). vs bare = during-window median "
-            "of the arm / of bare; vs alone = the arm's during-window median / its own alone median. Bare "
-            "mitmdump buffers SSE answers (mitmproxy's default), the addon streams them: compare last bytes."
+            "events (message_start with usage ... message_stop) written one by one, back to back (the proxy "
+            "saturated: this measures its cost per flow) or paced (a 10 ms pause between events, ~100 ms "
+            f"streams, as a model generating tokens). Per arm, first alone for {alone_s:.1f} s (baseline), then "
+            f"{bigs} x per round one 5 MB Claude-Code-shaped request ({len(big) / MB:.1f} MB, its own session id) "
+            f"through the same proxy; {rounds} rounds, arm order rotated; fresh proxies per regime. **Window** of "
+            "a 5 MB request: from its send to the later of its response and its record in the addon's JSONL "
+            "log (its analysis and completion done; bare: to its response). A small request counts in the "
+            "window when its lifetime overlaps one. Cells: median / p95 / max of the small requests' time to "
+            "the last byte, and to the first body byte (ttfb). vs bare = the arm's in-window median / bare's "
+            "in-window median; vs alone = the arm's in-window median / its own alone median. Bare mitmdump "
+            "buffers SSE answers (mitmproxy's default), the addon streams them: compare last bytes."
         )
+        for regime, gap in self.STALL_REGIMES:
+            proxies, logs = self._stall_proxies()
+            res: dict[str, dict[str, list[float]]] = {
+                a: {k: [] for k in ("alone", "alone_ttfb", "during", "during_ttfb", "big", "window")}
+                for a in arms
+            }
+            try:
+                for r in range(rounds):
+                    for arm in (
+                        arms[r % len(arms) :] + arms[: r % len(arms)]
+                    ):  # alternate which arm goes first
+                        got = self._stall_arm(
+                            arm, proxies[arm].port or 0, logs.get(arm), small, big, bigs, alone_s, r, gap
+                        )
+                        for k, v in got.items():
+                            res[arm][k].extend(v)
+            finally:
+                for p in proxies.values():
+                    p.stop()
+            self._stall_table(regime, arms, res)
+
+    def _stall_table(
+        self, regime: str, arms: tuple[str, ...], res: dict[str, dict[str, list[float]]]
+    ) -> None:
+        def cell(xs: list[float]) -> str:
+            if not xs:
+                return "-"
+            return f"{median(xs) * 1000:.1f} / {p95(xs) * 1000:.1f} / {max(xs) * 1000:.1f}"
+
+        self.out()
+        self.out(f"#### {regime} (load average {os.getloadavg()[0]:.2f} at its end)")
         self.out()
         self.out(
             "| proxy | alone: last byte | alone: ttfb | in window: last byte | in window: ttfb | "
-            "n alone / in window | 5 MB request | window (record written) | vs bare | vs alone |"
+            "n alone / in window | 5 MB request (median) | window (median) | vs bare | vs alone |"
         )
         self.out("|---|---|---|---|---|---|---|---|---|---|")
         bare_during = median(res["bare"]["during"]) if res["bare"]["during"] else float("nan")
         for arm in arms:
             d = res[arm]
-
-            def cell(xs: list[float]) -> str:
-                if not xs:
-                    return "-"
-                return f"{median(xs) * 1000:.1f} / {p95(xs) * 1000:.1f} / {max(xs) * 1000:.1f}"
-
             md = median(d["during"]) if d["during"] else float("nan")
             ma = median(d["alone"]) if d["alone"] else float("nan")
             self.out(
@@ -690,11 +708,13 @@ class Bench:
         bigs: int,
         alone_s: float,
         rnd: int,
+        gap: int = 0,
     ) -> dict[str, list[float]]:
         """One arm: the small flows alone, then `bigs` 5 MB requests one after the other (each window apart)."""
         request = (
             b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\n"
-            + f"{SESSION_HEADER}: stall-small\r\ncontent-length: {len(small)}\r\n\r\n".encode()
+            + f"{SESSION_HEADER}: stall-small\r\n{GAP_HEADER}: {gap}\r\n".encode()
+            + f"content-length: {len(small)}\r\n\r\n".encode()
             + small
         )
         spans: list[tuple[float, float, float]] = []  # (send, first body byte, last byte) per small request
@@ -726,7 +746,7 @@ class Bench:
             a1 = time.perf_counter()
             bc = Client(port)
             for k in range(bigs):
-                sid = f"stall-big-{arm}-{rnd}-{k}-{os.getpid()}"
+                sid = f"stall-big-{arm}-{gap}-{rnd}-{k}-{os.getpid()}"
                 b0 = time.perf_counter()
                 bc.post(big, {SESSION_HEADER: sid})
                 b1 = time.perf_counter()
