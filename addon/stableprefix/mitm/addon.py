@@ -621,7 +621,7 @@ class _DeferredFeed:
     `finish`: the tee costs the event loop one list append per chunk. Past `LIMIT` bytes the kept chunks are
     parsed and later ones fed at once (memory stays bounded on a long stream)."""
 
-    LIMIT = 1 << 20
+    LIMIT = 256 * 1024  # bytes kept per open stream at most
 
     def __init__(self, analyzer: Analyzer, headers: Any, status: int) -> None:
         enc = headers.get("content-encoding")
