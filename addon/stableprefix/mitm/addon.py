@@ -347,9 +347,8 @@ class StablePrefix:
                 self._wake_pending = False
 
     def _run_ready(self) -> None:
-        self._wake_pending = (
-            False  # cleared before draining: a result posted from now on wakes the loop again
-        )
+        # cleared before draining: a result posted from now on wakes the loop again
+        self._wake_pending = False
         while self._ready:
             try:
                 fn = self._ready.popleft()
