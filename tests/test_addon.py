@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -924,3 +925,110 @@ def test_allow_clients_keeps_a_proxyauth_answer() -> None:
 
 def test_entry_script_registers_the_allowlist() -> None:
     assert [type(x).__name__ for x in addon_mod.addons] == ["StablePrefix", "ClientAllowlist"]
+
+
+# --- the event loop's share of a flow (issue 13: small flows beside a 5 MB request) ----------------------
+
+
+def test_sse_copy_is_parsed_in_the_worker_not_in_the_tee(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    parsed: list[int] = []
+    real_feed = addon_mod.SSEFeed.feed
+
+    def counting_feed(self: Any, chunk: bytes) -> None:
+        parsed.append(len(chunk))
+        real_feed(self, chunk)
+
+    monkeypatch.setattr(addon_mod.SSEFeed, "feed", counting_feed)
+    log = tmp_path / "log.jsonl"
+    a = StablePrefix()
+    with taddons.context(a) as tctx:
+        tctx.configure(a, stableprefix_log=str(log))
+        f = make_flow(SESSION.request(1))
+        a.request(f)
+        answer(f, b"", ctype="text/event-stream")
+        a.responseheaders(f)
+        assert f.response is not None and callable(f.response.stream)
+        chunks = sse_events()
+        assert [f.response.stream(c) for c in chunks] == chunks
+        assert parsed == []  # the event loop only kept the chunks
+        f.response.content = None
+        a.response(f)
+        a.drain()
+    assert sum(parsed) == sum(len(c) for c in chunks)
+    (r,) = records(log)
+    assert (r["cached_tokens"], r["prompt_tokens"], r["evidence"]) == (18204, 18230, "anthropic-usage")
+
+
+def test_a_long_sse_copy_is_parsed_as_it_comes_past_the_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(addon_mod._DeferredFeed, "LIMIT", 100)
+    log = tmp_path / "log.jsonl"
+    a = StablePrefix()
+    with taddons.context(a) as tctx:
+        tctx.configure(a, stableprefix_log=str(log))
+        f = make_flow(SESSION.request(1))
+        a.request(f)
+        # gzip-encoded, as a server may send it: the encoding is taken at responseheaders
+        answer(f, b"", ctype="text/event-stream")
+        assert f.response is not None
+        f.response.headers["content-encoding"] = "gzip"
+        a.responseheaders(f)
+        data = gzip.compress((FIXTURES / "div_anthropic_sse.txt").read_bytes())
+        feed, tee = a._entries[f.id].feed, f.response.stream
+        assert feed is not None and callable(tee)
+        for i in range(0, len(data), 17):
+            tee(data[i : i + 17])
+            assert sum(map(len, feed._chunks)) <= 100 + 17  # kept bytes stay bounded
+        del f.response.headers["content-encoding"]  # a later change does not matter any more
+        f.response.content = None
+        a.response(f)
+        a.drain()
+    (r,) = records(log)
+    assert (r["cached_tokens"], r["prompt_tokens"], r["evidence"]) == (18204, 18230, "anthropic-usage")
+
+
+async def test_worker_results_share_one_wake_up_of_the_loop() -> None:
+    a = StablePrefix()
+    a._loop = asyncio.get_running_loop()
+    runs: list[int] = []
+    real_run_ready = a._run_ready
+
+    def counting_run_ready() -> None:
+        runs.append(len(a._ready))
+        real_run_ready()
+
+    a._run_ready = counting_run_ready  # type: ignore[method-assign]
+    done: list[int] = []
+
+    def post_all() -> None:
+        for i in range(50):
+            a._post(lambda i=i: done.append(i))
+
+    t = threading.Thread(target=post_all)
+    t.start()
+    t.join()  # the loop is blocked here: every result waits for one wake-up
+    await asyncio.sleep(0.01)
+    assert done == list(range(50)) and runs == [50]
+    # a result posted while the loop runs the results wakes it again
+    a._post(lambda: a._post(lambda: done.append(99)))
+    await asyncio.sleep(0.01)
+    assert done[-1] == 99 and len(runs) == 3
+
+
+def test_update_hook_only_when_an_addon_listens() -> None:
+    a = StablePrefix()
+    with taddons.context(a, proxyserver.Proxyserver()) as tctx:
+        manager = tctx.master.addons
+        assert not addon_mod._update_listeners(manager)  # Proxyserver's async update() is not a listener
+        updates = _Updates()
+        manager.add(updates)
+        assert addon_mod._update_listeners(manager)
+        f = make_flow(SESSION.request(1))
+        a.request(f)
+        answer(f, usage(0, 8000))
+        a.response(f)
+        a.drain()
+        assert updates.flows.count(f.id) == 2

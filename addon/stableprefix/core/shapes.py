@@ -65,6 +65,8 @@ SYSTEM_ROLES = frozenset({"system", "developer"})
 
 def _is_system(role: Any) -> bool:
     return isinstance(role, str) and role in SYSTEM_ROLES  # a list or object role is no role
+
+
 _PARAMS: dict[Api, tuple[str, ...]] = {
     Api.ANTHROPIC: ("model", "thinking", "tool_choice", "output_config"),
     Api.ANTHROPIC_COUNT: ("model", "thinking", "tool_choice", "output_config"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import inspect
 import logging
 import os
 import time
@@ -66,6 +67,7 @@ class StablePrefix:
         self._entries: dict[str, _Entry] = {}  # flow id -> handled flow, until its response completes
         self.worker = Worker()  # the analysis, off the forwarding path, in arrival order
         self._ready: collections.deque[Any] = collections.deque()  # worker results for the event loop
+        self._wake_pending = False  # a `_run_ready` is scheduled on the loop and has not started yet
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
@@ -333,16 +335,20 @@ class StablePrefix:
         return entry.done.wait()
 
     def _post(self, fn: Any) -> None:
-        """Worker: run `fn` on the event loop (in order); without a running loop, `drain` runs it."""
+        """Worker: run `fn` on the event loop (in order); without a running loop, `drain` runs it. One
+        wake-up of the loop serves every result posted until it runs (not one per result)."""
         self._ready.append(fn)
         loop = self._loop
-        if loop is not None:
+        if loop is not None and not self._wake_pending:
+            self._wake_pending = True
             try:
                 loop.call_soon_threadsafe(self._run_ready)
             except RuntimeError:  # the loop has closed: drain() runs what is left
-                pass
+                self._wake_pending = False
 
     def _run_ready(self) -> None:
+        # cleared before draining: a result posted from now on wakes the loop again
+        self._wake_pending = False
         while self._ready:
             try:
                 fn = self._ready.popleft()
@@ -450,8 +456,9 @@ class StablePrefix:
             return
         if not resp.headers.get("content-type", "").lower().startswith("text/event-stream"):
             return
-        # The record may not be analysed yet: it is attached when the stream finishes (in the worker).
-        feed = self.analyzer.sse_parser({}, resp.headers, resp.status_code)
+        # The record may not be analysed yet: it is attached when the stream finishes (in the worker), and
+        # the copy of the chunks is parsed there too (`_DeferredFeed`): the event loop only keeps them.
+        feed = _DeferredFeed(self.analyzer, resp.headers, resp.status_code)
         entry.feed = feed
         previous = resp.stream
 
@@ -571,7 +578,7 @@ class _Entry:
         self.extra = extra
         self.record = record
         self.left_alone = left_alone
-        self.feed: SSEFeed | None = None
+        self.feed: _DeferredFeed | None = None
         self.done: asyncio.Event | None = None  # set once the record is complete (flows being saved)
         self.held: asyncio.Event | None = None  # set once the affinity header is decided (flow waits)
 
@@ -588,27 +595,64 @@ def _decoded(raw: bytes | None, encoding: str | None) -> bytes | None:
 
 
 def _updated(flow: http.HTTPFlow) -> None:
-    """Tell the UIs (mitmweb) and any addon with an ``update`` hook that the flow changed after its hooks
-    returned; mitmdump has none: no trip through every addon for nothing."""
+    """Tell the UIs (mitmweb) that the flow changed after its hooks returned; skipped when no loaded addon
+    has a sync ``update`` hook (mitmdump): a trigger walks every addon, ~0.1 ms per call."""
     try:
-        addons = ctx.master.addons
-        if _listens(addons):
-            addons.trigger(hooks.UpdateHook([flow]))
+        manager = ctx.master.addons
+        if _update_listeners(manager):
+            manager.trigger(hooks.UpdateHook([flow]))
     except Exception:  # no master (unit use) or a UI addon that fails: the flow itself is complete
         pass
 
 
-_LISTENERS: dict[int, tuple[int, bool]] = {}  # id(addon manager) -> (addons registered, any update hook)
+def _update_listeners(manager: Any) -> bool:
+    """Whether an addon (nested ones included) would receive a sync ``update`` hook, as `trigger` finds them:
+    a callable ``update`` attribute that is not a coroutine function (those fail in a sync trigger)."""
+    for a in addonmanager.traverse(manager.chain):
+        func = getattr(a, "update", None)
+        if callable(func) and not inspect.iscoroutinefunction(func):
+            return True
+    return False
 
 
-def _listens(addons: Any) -> bool:
-    """Whether an addon in the chain has an ``update`` hook (looked up again when addons come or go)."""
-    count = len(addons.lookup)
-    known = _LISTENERS.get(id(addons))
-    if known is None or known[0] != count:
-        found = any(callable(getattr(a, "update", None)) for a in addonmanager.traverse(addons.chain))
-        _LISTENERS[id(addons)] = known = (count, found)
-    return known[1]
+class _DeferredFeed:
+    """The copy of a streamed (SSE) response, kept as chunks on the event loop and parsed in the worker at
+    `finish`: the tee costs the event loop one list append per chunk. Past `LIMIT` bytes the kept chunks are
+    parsed and later ones fed at once (memory stays bounded on a long stream)."""
+
+    LIMIT = 256 * 1024  # bytes kept per open stream at most
+
+    def __init__(self, analyzer: Analyzer, headers: Any, status: int) -> None:
+        enc = headers.get("content-encoding")
+        self._analyzer = analyzer
+        self._headers = {"content-encoding": enc} if enc else {}
+        self._status = status
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._feed: SSEFeed | None = None
+        self.record: dict[str, Any] = {}
+
+    def feed(self, chunk: bytes) -> None:
+        if self._feed is not None:
+            self._feed.feed(chunk)
+            return
+        self._chunks.append(chunk)
+        self._size += len(chunk)
+        if self._size > self.LIMIT:
+            self._parser()
+
+    def _parser(self) -> SSEFeed:
+        if self._feed is None:
+            self._feed = self._analyzer.sse_parser(self.record, self._headers, self._status)
+            for chunk in self._chunks:
+                self._feed.feed(chunk)
+            self._chunks = []
+        return self._feed
+
+    def finish(self) -> dict[str, Any]:
+        feed = self._parser()
+        feed.record = self.record
+        return feed.finish()
 
 
 def _client_gone(message: str) -> bool:
