@@ -360,6 +360,7 @@ class Bench:
         )
         self.ports = {"direct": self.upstream_port, **{k: p.port or 0 for k, p in self.proxies.items()}}
         self.lines: list[str] = []
+        self.targets: list[tuple[str, float, float]] = []  # (issue 13's target, its bound, measured ratio)
 
     def close(self) -> None:
         for p in self.proxies.values():
@@ -451,6 +452,12 @@ class Bench:
             seq = self.sequential(bodies, seq_reps[size])
             delays[size] = self.delays
             self._row(size, "1 (sequential)", seq, None)
+            ratio = {a: median(seq[a]) / median(seq["bare"]) for a in ("billing", "all")}
+            if size == 100 * KB:
+                self.targets.append(("billing only, 100 KB, median latency", 1.1, ratio["billing"]))
+            if size == MB:
+                self.targets.append(("billing only, 1 MB, median latency", 1.25, ratio["billing"]))
+                self.targets.append(("all built-in rules, 1 MB, median latency", 1.5, ratio["all"]))
             rounds, per_client = conc[size]
             c = self.concurrent(bodies, rounds, per_client)
             per_core[size] = c["cpu"]
@@ -470,6 +477,8 @@ class Bench:
             cells = " | ".join(f"{ms[a][0]:.2f} / {ms[a][1]:.2f}" for a in ARMS)
             rb, ra = ms["billing"][0] / ms["bare"][0], ms["all"][0] / ms["bare"][0]
             self.out(f"| {fmt_size(size)} | {cells} | {rb:.2f} | {ra:.2f} |")
+            if size == MB:
+                self.targets.append(("billing only, 1 MB, forwarding delay", 1.15, rb))
         self.out()
         self.out(
             "### Throughput per core: requests per CPU-second of the proxy process (all its threads, the "
@@ -483,6 +492,18 @@ class Bench:
                 f"{cpu[a][1] / cpu[a][0]:.0f}" if cpu[a][0] > 0 else "-" for a in ("bare", "billing", "all")
             )
             self.out(f"| {fmt_size(size)} | {cells} |")
+
+    def target_table(self) -> None:
+        """Issue 13's targets next to what this run measured (ratios addon / bare mitmdump)."""
+        if not self.targets:
+            return
+        self.out()
+        self.out("### Targets (issue 13): ratio addon / bare mitmdump, this run")
+        self.out()
+        self.out("| target | bound | measured | |")
+        self.out("|---|---|---|---|")
+        for name, bound, got in self.targets:
+            self.out(f"| {name} | <= {bound:.2f}x | {got:.2f}x | {'met' if got <= bound else 'missed'} |")
 
     def _row(self, size: int, clients: str, lat: dict[str, list[float]], rate: dict | None) -> None:
         ms = {arm: (median(v) * 1000, p95(v) * 1000) for arm, v in lat.items()}
@@ -664,6 +685,14 @@ class Bench:
         )
         self.out("|---|---|---|---|---|---|---|---|---|---|")
         bare_during = median(res["bare"]["during"]) if res["bare"]["during"] else float("nan")
+        if res["billing"]["during"]:
+            self.targets.append(
+                (
+                    f"16 small streams ({regime}) while 5 MB requests go through, billing only, median",
+                    1.25,
+                    median(res["billing"]["during"]) / bare_during,
+                )
+            )
         for arm in arms:
             d = res[arm]
             md = median(d["during"]) if d["during"] else float("nan")
@@ -842,10 +871,11 @@ def _hook(analyzer: Analyzer, raw: bytes) -> Any:
 
 
 def _fresh_analyzer(settings: pipeline.Settings) -> Analyzer:
-    """An analyzer that has seen nothing: also empties the per-message detail cache (module-wide)."""
-    cache = getattr(fingerprint, "_MESSAGE_CACHE", None)
-    if cache is not None:
-        cache.clear()
+    """An analyzer that has seen nothing: also empties the module-wide caches (message details, canonical
+    bytes, chain steps)."""
+    fingerprint._MESSAGE_CACHE.clear()
+    fingerprint._MEMO.clear()
+    fingerprint._LINKS.clear()
     return Analyzer(settings)
 
 
@@ -907,6 +937,7 @@ def main(argv: list[str] | None = None) -> int:
             bench.stall()
         if "memory" not in args.skip:
             bench.memory()
+        bench.target_table()
         bench.out()
         bench.out(f"Total run time {time.perf_counter() - started:.0f} s.")
     finally:
