@@ -54,6 +54,15 @@ def answer(
     f.response = http.Response.make(status, raw, {"content-type": ctype})
 
 
+def sse_started(a: StablePrefix) -> http.HTTPFlow:
+    """A first turn through `a` whose streamed (SSE) answer has begun: its response headers are in."""
+    f = make_flow(SESSION.request(1))
+    a.request(f)
+    answer(f, b"", ctype="text/event-stream")
+    a.responseheaders(f)
+    return f
+
+
 def usage(cached: int, fresh: int) -> dict[str, Any]:
     return {"type": "message", "usage": {"input_tokens": fresh, "cache_read_input_tokens": cached}}
 
@@ -506,10 +515,7 @@ def test_client_that_left_gets_no_status(tmp_path: Path) -> None:
 
 def test_interrupted_sse_keeps_the_evidence_seen(tmp_path: Path) -> None:
     with logging_to(tmp_path) as (a, log, tctx):
-        f = make_flow(SESSION.request(1))
-        a.request(f)
-        answer(f, b"", ctype="text/event-stream")
-        a.responseheaders(f)
+        f = sse_started(a)
         assert f.response is not None and callable(f.response.stream)
         data = (FIXTURES / "div_anthropic_sse.txt").read_bytes()
         f.response.stream(data[: data.index(b"event: content_block_start")])
@@ -941,14 +947,8 @@ def test_sse_copy_is_parsed_in_the_worker_not_in_the_tee(
         real_feed(self, chunk)
 
     monkeypatch.setattr(addon_mod.SSEFeed, "feed", counting_feed)
-    log = tmp_path / "log.jsonl"
-    a = StablePrefix()
-    with taddons.context(a) as tctx:
-        tctx.configure(a, stableprefix_log=str(log))
-        f = make_flow(SESSION.request(1))
-        a.request(f)
-        answer(f, b"", ctype="text/event-stream")
-        a.responseheaders(f)
+    with logging_to(tmp_path) as (a, log, tctx):
+        f = sse_started(a)
         assert f.response is not None and callable(f.response.stream)
         chunks = sse_events()
         assert [f.response.stream(c) for c in chunks] == chunks
@@ -965,10 +965,7 @@ def test_a_long_sse_copy_is_parsed_as_it_comes_past_the_limit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(addon_mod._DeferredFeed, "LIMIT", 100)
-    log = tmp_path / "log.jsonl"
-    a = StablePrefix()
-    with taddons.context(a) as tctx:
-        tctx.configure(a, stableprefix_log=str(log))
+    with logging_to(tmp_path) as (a, log, tctx):
         f = make_flow(SESSION.request(1))
         a.request(f)
         # gzip-encoded, as a server may send it: the encoding is taken at responseheaders
