@@ -28,6 +28,19 @@ sp_find_python() {
   return 1
 }
 
+sp_cache_dir() { # sp_cache_dir SUB: creates ${STABLEPREFIX_CACHE:-$HOME/.cache/stableprefix}/SUB, prints its real path
+  local base
+  if [ -n "${STABLEPREFIX_CACHE:-}" ]; then
+    base="$STABLEPREFIX_CACHE"
+  elif [ -n "${HOME:-}" ]; then
+    base="$HOME/.cache/stableprefix"
+  else
+    echo "stableprefix: neither STABLEPREFIX_CACHE nor HOME is set" >&2
+    return 2
+  fi
+  mkdir -p "$base/$1" && (cd "$base/$1" && pwd -P)
+}
+
 sp_bootstrap() {
   local stamp="$SP_VENV/.stableprefix-installed" want
   want="$(cat "$SP_ROOT/pyproject.toml" | sha256sum | cut -c1-16)"

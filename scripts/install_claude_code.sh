@@ -35,16 +35,9 @@ while (($#)); do
   shift
 done
 
-if [[ -n "${STABLEPREFIX_CACHE:-}" ]]; then
-  CACHE_BASE="$STABLEPREFIX_CACHE"
-elif [[ -n "${HOME:-}" ]]; then
-  CACHE_BASE="$HOME/.cache/stableprefix"
-else
-  log "neither STABLEPREFIX_CACHE nor HOME is set"
-  exit 2
-fi
-mkdir -p "$CACHE_BASE/claude-code"
-ROOT="$(cd "$CACHE_BASE/claude-code" && pwd -P)"
+# shellcheck source=bootstrap.sh
+source "$(dirname "${BASH_SOURCE[0]}")/bootstrap.sh" # sp_cache_dir, sp_find_python (nothing else runs)
+ROOT="$(sp_cache_dir claude-code)" || exit 2
 readonly ROOT
 readonly DEST="$ROOT/$CLAUDE_CODE_VERSION"
 

@@ -80,16 +80,9 @@ fi
 
 PYTHON="${PYTHON:-python3}"
 
-if [[ -n "${STABLEPREFIX_CACHE:-}" ]]; then
-  CACHE_BASE="$STABLEPREFIX_CACHE"
-elif [[ -n "${HOME:-}" ]]; then
-  CACHE_BASE="$HOME/.cache/stableprefix"
-else
-  log "neither STABLEPREFIX_CACHE nor HOME is set"
-  exit 2
-fi
-mkdir -p "$CACHE_BASE/llama"
-ROOT="$(cd "$CACHE_BASE/llama" && pwd -P)"
+# shellcheck source=bootstrap.sh
+source "$(dirname "${BASH_SOURCE[0]}")/bootstrap.sh" # sp_cache_dir, sp_find_python (nothing else runs)
+ROOT="$(sp_cache_dir llama)" || exit 2
 readonly ROOT
 readonly SERVER="$ROOT/bin/llama-server"
 readonly MODEL="$ROOT/model/$MODEL_NAME"

@@ -84,16 +84,7 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=bootstrap.sh
 source "$HERE/bootstrap.sh" # defines sp_find_python (does nothing else when sourced)
 
-if [[ -n "${STABLEPREFIX_CACHE:-}" ]]; then
-  CACHE_BASE="$STABLEPREFIX_CACHE"
-elif [[ -n "${HOME:-}" ]]; then
-  CACHE_BASE="$HOME/.cache/stableprefix"
-else
-  log "neither STABLEPREFIX_CACHE nor HOME is set"
-  exit 2
-fi
-mkdir -p "$CACHE_BASE/routers"
-ROOT="$(cd "$CACHE_BASE/routers" && pwd -P)"
+ROOT="$(sp_cache_dir routers)" || exit 2
 readonly ROOT
 
 constraints_hash() { printf '%s\n' "$CONSTRAINTS" | sha256sum | cut -c1-16; }

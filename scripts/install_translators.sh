@@ -42,16 +42,9 @@ while (($#)); do
   shift
 done
 
-if [[ -n "${STABLEPREFIX_CACHE:-}" ]]; then
-  CACHE_BASE="$STABLEPREFIX_CACHE"
-elif [[ -n "${HOME:-}" ]]; then
-  CACHE_BASE="$HOME/.cache/stableprefix"
-else
-  log "neither STABLEPREFIX_CACHE nor HOME is set"
-  exit 2
-fi
-mkdir -p "$CACHE_BASE"
-CACHE_BASE="$(cd "$CACHE_BASE" && pwd -P)"
+# shellcheck source=bootstrap.sh
+source "$(dirname "${BASH_SOURCE[0]}")/bootstrap.sh" # sp_cache_dir, sp_find_python (nothing else runs)
+CACHE_BASE="$(sp_cache_dir .)" || exit 2
 readonly CACHE_BASE
 
 # Serialise concurrent installers of one router (flock when there is one).
@@ -131,8 +124,6 @@ install_litellm() {
     return 0
   fi
   # The interpreter the project itself uses (bootstrap.sh's search: Python >= 3.12).
-  # shellcheck source=bootstrap.sh
-  . "$(dirname "${BASH_SOURCE[0]}")/bootstrap.sh"
   py="$(sp_find_python)" || exit 2
   rm -rf "$root"/.work.* "$dest"
   # A venv's scripts carry its absolute path: build it in place, mark it complete last.
