@@ -20,7 +20,7 @@ readonly LITELLM_VERSION="1.108.7"
 
 exec 3>&1 1>&2
 
-log() { printf '[install_routers] %s\n' "$*" >&2; }
+log() { printf '[install_translators] %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 
 FORCE=0
