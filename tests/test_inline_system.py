@@ -17,6 +17,7 @@ from mitmproxy import io
 from stableprefix.core import pipeline
 from stableprefix.core import rules as rl
 from stableprefix.core import shapes
+from stableprefix.core.analyzer import Analyzer
 
 REAL = Path(__file__).parent / "fixtures" / "real" / "cc_2_1_332_two_conversations.mitm"
 ON = pipeline.Settings(rules=tuple(rl.switch(rl.builtin_rules(), on=["inline_system"])), passthrough=())
@@ -228,3 +229,24 @@ def test_never_loses_text_and_keeps_the_order(body: dict[str, Any]) -> None:
     kept = [m for k, m in enumerate(body["messages"]) if k >= first or m["role"] != "system"]
     assert after["messages"] == kept
     assert forward(once) is None  # idempotent
+
+
+def test_the_saving_on_a_new_conversation_is_credited_to_the_rules_that_fired_together() -> None:
+    """The real recording's new conversation: with billing alone its saving is billing's; with inline_system
+    too the shared prefix grows past the environment message, and the saving is theirs together (the
+    billing rule alone did not buy it)."""
+    flows = _real()
+
+    def savings(settings: pipeline.Settings) -> dict[str, int]:
+        a = Analyzer(settings)
+        records = [
+            a.request("POST", "h", f.request.path, f.request.content, f.request.headers) for f in flows
+        ]
+        last = records[-1]
+        assert last is not None and last.record["verdict"] == "first"
+        return dict(last.record["saved_by"])
+
+    alone = savings(pipeline.Settings())
+    both = savings(ON)
+    assert list(alone) == ["billing"] and alone["billing"] > 0
+    assert list(both) == ["billing+inline_system"] and both["billing+inline_system"] > alone["billing"]

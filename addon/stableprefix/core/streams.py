@@ -674,7 +674,8 @@ class Tracker:
         A rule's saving is the prefix shared after the rewrite that would not have been shared before it:
         the request before the rules against the previous request of its stream before the rules (for a
         stream's first request: the nearest earlier stream), and the same after the rules; credited to the
-        rule that removes the cause of the before-divergence (else to the rules that fired)."""
+        rule that fired on this request, or jointly to the rules that did ("billing+inline_system": which of
+        them bought how much is not measured), else to the rule for the before-divergence's cause."""
         if counterpart is None:
             return None
         if other is new and (prev is None or stream.other is None):
@@ -693,9 +694,9 @@ class Tracker:
         if gain == 0:
             return {}
         fired = sorted({f.split(".")[0] for f in counterpart.fired})
-        rule = volatile.rule_for_cause(before_cause or "")
-        name = rule if rule is not None and (rule in fired or not fired) else "+".join(fired) or "rules"
-        return {name: gain}
+        if fired:  # one rule: its saving; several: theirs together (edits carry no rule, so no split)
+            return {"+".join(fired): gain}
+        return {volatile.rule_for_cause(before_cause or "") or "rules": gain}
 
     def _remember_head(self, host: str, stream: Stream, new: Snapshot, other: Snapshot) -> None:
         heads = self._recent.get(host)
