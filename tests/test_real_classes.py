@@ -3,8 +3,9 @@ flow files in tests/fixtures/real/ (see its README.md). What the bodies hold is 
 classes and verdicts come from the report reader and the analyzer.
 
 The recorded ``claude -p`` runs send only conversation turns (main, subagent): no side request (title,
-command-prefix check) and no count_tokens request, not even for a Bash tool call (tried with 2.1.332), so
-those two classes have no real recording yet.
+command-prefix check) and no count_tokens request, not even for a Bash tool call (tried with 2.1.332). The
+interactive TUI sends both: side requests around its turns (tests/e2e/test_claude_tui_e2e.py) and, for
+``/context``, count_tokens requests (recorded in cc_2_1_332_context.mitm).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from stableprefix.report import readers
 REAL = Path(__file__).parent / "fixtures" / "real"
 TWO = REAL / "cc_2_1_332_two_conversations.mitm"
 SUBAGENT = REAL / "cc_2_1_332_subagent.mitm"
+CONTEXT = REAL / "cc_2_1_332_context.mitm"
 
 
 def posts(path: Path) -> list[http.HTTPFlow]:
@@ -119,3 +121,22 @@ def test_env_block_pins_the_environment_lines_the_real_cli_sends() -> None:
     sent["system"] = sent["system"][1:]  # the billing block: dropped by the default rule
     sent["messages"][1]["content"][0]["text"] = want
     assert out == sent
+
+
+def test_count_tokens_of_context_are_classed_and_never_compared() -> None:
+    """The TUI's ``/context`` between two prompts: 26 count_tokens requests (no billing block in them);
+    each is classed count_tokens with no verdict, and the second prompt still extends the first."""
+    sent = posts(CONTEXT)
+    counts = [fl for fl in sent if fl.request.path.startswith("/v1/messages/count_tokens")]
+    assert len(counts) == 26
+    assert not any(b"x-anthropic-billing-header" in (fl.request.content or b"") for fl in counts)
+    mains = [
+        json.loads(fl.request.content or b"") for fl in sent if fl.request.path.startswith("/v1/messages?")
+    ]
+    b1, b2 = [b for b in mains if b.get("tools")]
+    recs = turns(CONTEXT)
+    ct = [r for r in recs if r["path"].startswith("/v1/messages/count_tokens")]
+    assert len(ct) == 26 and {(r["class"], r["verdict"]) for r in ct} == {("count_tokens", None)}
+    main = [r for r in recs if r["class"] == "main"]
+    assert [r["verdict"] for r in main] == ["first", "append-only"] and main[0]["stream"] == main[1]["stream"]
+    assert main[1]["common_prefix_messages"] == len(b1["messages"]) < len(b2["messages"])

@@ -18,7 +18,9 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from dataclasses import field
@@ -125,7 +127,7 @@ def write_settings(home: Path, repo: Path) -> None:
 
 
 @pytest.fixture
-def tui(mitm: MitmFactory, tmp_path: Path) -> Iterator[Tui]:
+def tui(mitm: MitmFactory, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Tui]:
     log, flows = tmp_path / "log.jsonl", tmp_path / "client.mitm"
     home = tmp_path / "home"
     home.mkdir()
@@ -138,6 +140,10 @@ def tui(mitm: MitmFactory, tmp_path: Path) -> Iterator[Tui]:
         yield Tui(replier, up, addon, log, flows, recorder.url, home, repo)
         recorder.stop()  # flushes the flow file
         addon.stop()
+    name = getattr(request.function, "record_as", None)
+    if (dest := os.environ.get("STABLEPREFIX_RECORD_DIR")) and name:
+        Path(dest).mkdir(parents=True, exist_ok=True)
+        shutil.copy(flows, Path(dest) / f"{name}.mitm")
 
 
 def messages_as_rendered(messages: list[dict[str, Any]]) -> list[Any]:
@@ -224,3 +230,49 @@ def test_tui_two_prompts_side_requests_are_side_and_main_turns_append_only(tui: 
         assert tui.addon.wait_for(EVICTION_NOTICE, timeout=10), tui.addon.output()[-2000:]
     else:  # the side request came after the second turn reached the upstream: the prefix was reused
         assert m2["cached_tokens"] >= 0.5 * m1["prompt_tokens"] and m2["miss"] is None
+
+
+@requires_cli
+def test_tui_context_sends_count_tokens_that_never_break_the_conversation(tui: Tui) -> None:
+    """``/context`` between two prompts: the TUI counts the tokens of its system prompt, tools and messages
+    with ``/v1/messages/count_tokens`` requests (2.1.332 sends them nowhere else here). They are classed
+    ``count_tokens`` with no verdict, pass byte-identical (they carry no billing block), and the second
+    turn still extends the first."""
+    term = tui.terminal()
+    try:
+        assert term.wait_for("shift+tab to cycle", timeout=90), f"no prompt: {term.text()[-3000:]}"
+        first, second = PROMPTS
+        term.type(first)
+        assert wait_until(partial(tui.replier.reply_to, first), timeout=120), term.text()[-3000:]
+        time.sleep(2)  # the turn's side requests
+        term.type("/context")
+        assert wait_until(lambda: any("count_tokens" in r.path for r in tui.upstream.received), timeout=60)
+        time.sleep(5)  # the rest of them
+        term.type(second)
+        assert wait_until(partial(tui.replier.reply_to, second), timeout=120), term.text()[-3000:]
+        assert wait_until(lambda: len(read_records(tui.log)) == len(tui.upstream.received), timeout=60)
+    finally:
+        term.stop()
+
+    counted = [r for r in tui.upstream.received if "/v1/messages/count_tokens" in r.path]
+    assert counted, "no count_tokens request reached the upstream"
+    sent = [r for r in tui.client_requests() if "/v1/messages/count_tokens" in r.path]
+    assert sorted(r.content or b"" for r in sent) == sorted(r.body for r in counted)  # byte-identical
+    assert not any(b"x-anthropic-billing-header" in r.body for r in counted)
+    recs = read_records(tui.log)
+    ct = [r for r in recs if r["path"].startswith("/v1/messages/count_tokens")]
+    assert len(ct) == len(counted)
+    assert all(r["class"] == "count_tokens" and r["verdict"] is None and r["changed"] == {} for r in ct)
+    assert all(r["api"] == "anthropic-count-tokens" and r["miss"] is None for r in ct)
+    main = [r for r in recs if r["class"] == "main"]
+    assert [r["verdict"] for r in main] == ["first", "append-only"] and main[0]["stream"] == main[1]["stream"]
+    bodies = [json.loads(r.body) for r in tui.upstream.received if r.path.startswith("/v1/messages?")]
+    b1, b2 = [b for b in bodies if b.get("tools")]
+    n = len(b1["messages"])  # independently of the addon: the second turn extends the first
+    assert len(b2["messages"]) > n and messages_as_rendered(b2["messages"][:n]) == messages_as_rendered(
+        b1["messages"]
+    )
+    assert main[1]["common_prefix_messages"] == n  # compared with the first turn, not with a count
+
+
+test_tui_context_sends_count_tokens_that_never_break_the_conversation.record_as = "cc_2_1_332_context"  # type: ignore[attr-defined]
