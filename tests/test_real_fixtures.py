@@ -93,3 +93,25 @@ def test_report_classes_the_recorded_subagent_flow() -> None:
     ]
     sub = json.loads(posts(SUBAGENT)[1].request.content or b"")
     assert sub["system"][0]["text"].endswith("; cc_entrypoint=sdk-cli; cc_is_subagent=true;")
+
+
+def test_pipeline_on_the_tuis_requests_cuts_turns_and_leaves_counts_byte_identical() -> None:
+    """The TUI recording (cc_2_1_332_context.mitm): its turns and side requests lose exactly the billing
+    block (entrypoint ``cli``), its count_tokens requests go on as they came (they carry none)."""
+    recorded = posts(REAL / "cc_2_1_332_context.mitm")
+    for fl in recorded:
+        raw = fl.request.get_content(strict=True) or b""
+        body = json.loads(raw)
+        assert compact(body) == raw
+        result = pipeline.process(
+            "POST", fl.request.host, fl.request.path, raw, pipeline.Settings(), fl.request.headers
+        )
+        assert result is not None
+        if fl.request.path.startswith("/v1/messages/count_tokens"):
+            assert "system" not in body and result.forward is None and result.record["changed"] == {}
+            continue
+        assert body["system"][0]["text"].startswith("x-anthropic-billing-header: cc_version=2.1.332.")
+        del body["system"][0]
+        assert result.forward == compact(body) and result.record["changed"] == {"billing": 1}
+        assert result.record["billing"]["cc_entrypoint"] == "cli"
+    assert len(recorded) == 30  # 4 turns and side requests, 26 counts
