@@ -34,43 +34,10 @@ from tests.support import llama as ls  # noqa: E402
 from tests.support.helpers import make_repo  # noqa: E402
 
 #: A small model rambles until max_tokens (Claude Code asks for 32,000; llama-server's -n does not cap a request's
-#: max_tokens) and Claude Code asks a capped answer to continue: this mitmproxy script, loaded after the
-#: addon, lowers max_tokens (not part of the prompt) and reports the capped stop as end_turn. Measurement only.
-CAP_SCRIPT = """
-import json, re
-from mitmproxy import http
-STOP = re.compile(rb'"stop_reason"\\s*:\\s*"max_tokens"')
-def _fix(data):
-    return STOP.sub(b'"stop_reason":"end_turn"', data)
-def request(flow):
-    req = flow.request
-    if req.method != "POST" or not req.path.split("?")[0].endswith("/v1/messages"):
-        return
-    try:
-        body = json.loads(req.get_content(strict=True) or b"")
-    except ValueError:
-        return
-    if isinstance(body, dict) and isinstance(body.get("max_tokens"), int) and body["max_tokens"] > 24:
-        body["max_tokens"] = 24
-        req.content = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
-        flow.metadata["capped"] = True
-def responseheaders(flow):
-    resp = flow.response
-    if resp is None or not flow.metadata.get("capped"):
-        return
-    if "text/event-stream" in resp.headers.get("content-type", ""):
-        inner = resp.stream if callable(resp.stream) else None
-        def fix(data):
-            if inner is not None:
-                out = inner(data)
-                data = out if isinstance(out, bytes) else b"".join(out)
-            return _fix(data)
-        resp.stream = fix
-def response(flow):
-    resp = flow.response
-    if resp is not None and flow.metadata.get("capped") and not resp.stream and resp.content:
-        resp.content = _fix(resp.content)
-"""
+#: max_tokens) and Claude Code asks a capped answer to continue: the benchmark's mitmproxy script, loaded after
+#: the addon, lowers max_tokens (not part of the prompt) to 24 here and reports the capped stop as end_turn.
+CAP_SCRIPT = Path(__file__).resolve().parent.parent / "tests" / "support" / "cap_max_tokens.py"
+CAP_ENV = {"STABLEPREFIX_CAP_MAX_TOKENS": "24"}
 
 PROMPTS = [
     ("Say hello to the project.",),
@@ -79,13 +46,15 @@ PROMPTS = [
 ]
 
 
-def claude(bin_: str, url: str, home: Path, repo: Path, prompt: str, *extra: str) -> None:
+def claude(bin_: str, url: str, home: Path, repo: Path, prompt: str, *extra: str) -> str:
+    """One ``claude -p`` run through `url`; its answer's text."""
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "ANTHROPIC_BASE_URL": url,
            "ANTHROPIC_API_KEY": "dummy", "DISABLE_AUTOUPDATER": "1"}  # fmt: skip
     args = [bin_, "-p", prompt, "--output-format", "json", *extra]
     proc = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
         raise RuntimeError(f"claude exited {proc.returncode}: {proc.stdout[-1000:]} {proc.stderr[-1000:]}")
+    return str(json.loads(proc.stdout).get("result", ""))
 
 
 def arm(observe: bool, bin_: str, work: Path) -> Path:
@@ -98,15 +67,13 @@ def arm(observe: bool, bin_: str, work: Path) -> Path:
     repo = make_repo(root)
     log = root / "log.jsonl"
     server = ls.LlamaServer(Path(os.environ["LLAMA_SERVER"]), Path(os.environ["LLAMA_MODEL"]), slots=1)
-    cap = root / "cap.py"
-    cap.write_text(CAP_SCRIPT)
     try:
         extra = ["--set", "flow_detail=0", "--set", f"stableprefix_log={log}", "-w", str(root / "flows.mitm"),
-                 "-s", str(cap)]  # fmt: skip
+                 "-s", str(CAP_SCRIPT)]  # fmt: skip
         if observe:
             extra += ["--set", "stableprefix_observe=true"]
         args = process.command(mode=f"reverse:{server.url}", confdir=root / "conf", extra=extra)
-        with process.Proxy(args) as proxy:
+        with process.Proxy(args, env=CAP_ENV) as proxy:
             for p in PROMPTS:
                 claude(bin_, proxy.url, home, repo, *p)
     finally:

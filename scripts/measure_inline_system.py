@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -76,37 +75,26 @@ ARMS: tuple[tuple[str, list[str] | None], ...] = (
 )
 
 
-def claude(bin_: str, url: str, home: Path, repo: Path, prompt: str, *extra: str) -> str:
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "ANTHROPIC_BASE_URL": url,
-           "ANTHROPIC_API_KEY": "dummy", "DISABLE_AUTOUPDATER": "1"}  # fmt: skip
-    args = [bin_, "-p", prompt, "--output-format", "json", *extra]
-    proc = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
-    if proc.returncode != 0:
-        raise RuntimeError(f"claude exited {proc.returncode}: {proc.stdout[-1000:]} {proc.stderr[-1000:]}")
-    return str(json.loads(proc.stdout).get("result", ""))
-
-
 def arm(rules: list[str] | None, bin_: str, root: Path) -> list[dict[str, Any]]:
     """One arm; per CLI run, its /v1/messages requests with the server's figures, and the answer."""
     root.mkdir()
     (home := root / "home").mkdir()
     (rec := root / "rec").mkdir()
     repo = cc.make_repo(root)
-    (root / "cap.py").write_text(cc.CAP_SCRIPT)
     (root / "rec.py").write_text(RECORDER)
     server = ls.LlamaServer(Path(os.environ["LLAMA_SERVER"]), Path(os.environ["LLAMA_MODEL"]), slots=1)
     runs: list[dict[str, Any]] = []
     os.environ["MEASURE_DIR"] = str(rec)
     try:
-        extra = ["--set", "flow_detail=0", "-s", str(root / "cap.py"), "-s", str(root / "rec.py")]
+        extra = ["--set", "flow_detail=0", "-s", str(cc.CAP_SCRIPT), "-s", str(root / "rec.py")]
         for name in rules or []:
             extra += ["--set", f"stableprefix_enable={name}"]
         args = process.command(mode=f"reverse:{server.url}", confdir=root / "conf", addon=rules is not None,
                                extra=extra)  # fmt: skip
-        with process.Proxy(args, wait_for_addon=rules is not None) as proxy:
+        with process.Proxy(args, wait_for_addon=rules is not None, env=cc.CAP_ENV) as proxy:
             for p in cc.PROMPTS:
                 before = len(list(rec.glob("*.req")))
-                answer = claude(bin_, proxy.url, home, repo, *p)
+                answer = cc.claude(bin_, proxy.url, home, repo, *p)
                 runs.append({"prompt": " ".join(p), "answer": answer, "first": before})
     finally:
         server.stop()
